@@ -1,0 +1,47 @@
+# The two commands: `make demo` and `make test`. Both do all set-up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first, from the local CPU wheel: never let pip resolve a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check proto proto-check venv clean
+# The pinned protobuf code generator lives in its own venv (see proto/generate.py).
+PROTO_VENV := .venv-proto
+PROTO_STAMP := $(PROTO_VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/eplb plan --load eplb_service/data/sample_load.npy --num-slots 80 --num-ranks 8 --num-nodes 2 --num-groups 8 --expert-bytes 44040192
+
+$(PROTO_STAMP): proto/generate.py
+	test -x $(PROTO_VENV)/bin/python || $(PY) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/pip install -q "grpcio-tools==$$(sed -n 's/^GRPCIO_TOOLS = "\(.*\)"/\1/p' proto/generate.py)"
+	touch $(PROTO_STAMP)
+
+# Regenerate eplb_proto/ from proto/eplb/v1/*.proto (commit the result).
+proto: $(PROTO_STAMP)
+	$(PROTO_VENV)/bin/python proto/generate.py
+
+proto-check: $(PROTO_STAMP)
+	$(PROTO_VENV)/bin/python proto/generate.py --check
+
+check: $(STAMP) proto-check
+	$(BIN)/ruff check eplb_service worker_agent tests benchmarks proto
+	$(BIN)/mypy
+
+test: $(STAMP) check
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .mypy_cache .ruff_cache

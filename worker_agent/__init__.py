@@ -1,0 +1,1 @@
+"""eplb worker agent: runs inside every engine rank (torch + grpcio + protobuf only)."""
