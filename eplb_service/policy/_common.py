@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,39 @@ Placement = tuple[IntArray, IntArray, IntArray]
 PolicyFn = Callable[..., Placement]
 
 
+def _flat_index(index: IntArray, width: int) -> IntArray:
+    """[X, k] column indices into rows of ``width`` -> [X, k] indices into the flattened rows."""
+    return index + (np.arange(index.shape[0], dtype=np.int64) * width)[:, None]
+
+
+def gather_rows(values: npt.NDArray[Any], index: IntArray) -> npt.NDArray[Any]:
+    """Row-wise gather (``np.take_along_axis(values, index, axis=1)``, several times faster).
+
+    Parameters:
+        values: [X, n]
+        index: [X, k], column indices into ``values``
+
+    Returns:
+        out: [X, k], with out[x, i] = values[x, index[x, i]]
+    """
+    return values.reshape(-1)[_flat_index(index, values.shape[1])]
+
+
+def scatter_rows(index: IntArray, values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Row-wise scatter through a permutation (inverse of :func:`gather_rows`).
+
+    Parameters:
+        index: [X, n], each row a permutation of 0..n-1
+        values: [X, n]
+
+    Returns:
+        out: [X, n], with out[x, index[x, i]] = values[x, i]
+    """
+    out = np.empty(index.shape, dtype=values.dtype)
+    out.reshape(-1)[_flat_index(index, index.shape[1])] = values
+    return out
+
+
 def inverse_permutation(perm: IntArray) -> IntArray:
     """Inverts a permutation of every row.
 
@@ -28,9 +62,8 @@ def inverse_permutation(perm: IntArray) -> IntArray:
     Returns:
         inv: [X, n], with inv[x, perm[x, i]] = i
     """
-    inv = np.empty_like(perm)
-    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), axis=1)
-    return inv
+    columns = np.broadcast_to(np.arange(perm.shape[1], dtype=np.int64), perm.shape)
+    return scatter_rows(perm, columns)
 
 
 def log2phy_from_ranks(phy2log: IntArray, phy_rank: IntArray, num_logical: int) -> IntArray:
@@ -49,5 +82,5 @@ def log2phy_from_ranks(phy2log: IntArray, phy_rank: IntArray, num_logical: int) 
     width = num_phy - num_logical + 1
     log2phy = np.full((num_layers, num_logical * width), -1, dtype=np.int64)
     slots = np.broadcast_to(np.arange(num_phy, dtype=np.int64), phy2log.shape)
-    np.put_along_axis(log2phy, phy2log * width + phy_rank, slots, axis=1)
+    log2phy.reshape(-1)[_flat_index(phy2log * width + phy_rank, num_logical * width)] = slots
     return log2phy.reshape(num_layers, num_logical, width)

@@ -31,7 +31,8 @@ def as_load(weight: Any) -> FloatArray:
     if is_torch_tensor(weight):
         weight = weight.detach().float().cpu().numpy()
     try:
-        load = np.asarray(weight, dtype=np.float32)
+        with np.errstate(over="ignore"):  # too large for float32 -> inf, rejected below
+            load = np.asarray(weight, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"weight must be a numeric [layers, experts] array: {exc}") from None
     if load.ndim != 2:
@@ -71,7 +72,9 @@ def check_sizes(
             f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})"
         )
     if num_replicas % num_gpus:
-        raise ValueError(f"num_replicas ({num_replicas}) must be a multiple of num_gpus ({num_gpus})")
+        raise ValueError(
+            f"num_replicas ({num_replicas}) must be a multiple of num_gpus ({num_gpus})"
+        )
     if num_experts % num_groups:
         raise ValueError(
             f"num_groups ({num_groups}) must divide the number of experts ({num_experts})"

@@ -1,19 +1,24 @@
 """DeepSeek's expert-parallel load balancer (EPLB), vectorized over layers and nodes.
 
 Computes the same maps as ``eplb.rebalance_experts`` of github.com/deepseek-ai/EPLB, the greedy
-policy every engine ships, but runs every layer (and every node) at once with numpy: the only
-Python loops are over the items of one pack-assignment or the redundant replicas of one row.
+policy every engine ships, but runs all layers (and nodes) at once with numpy: the only Python
+loops step through the items to pack and the redundant replicas to place, all rows together.
 
 The greedy choices are fully specified, so results never depend on a sort implementation:
 
-- loads are float32, as in the reference;
+- loads are float32, as in the reference; a group's load is summed in float64 and rounded to
+  float32 once, so it does not depend on a summation order;
 - items are taken in descending load order, equal loads in ascending index order (stable sort);
 - each redundant replica goes to the expert with the largest ``load / replica_count``, ties to
   the lowest expert index;
 - each item goes to the lightest pack that still has room, ties to the lowest pack index; pack
   loads accumulate in float32 in item order.
 
-The reference meets these rules wherever no two compared loads are equal.
+The reference meets these rules wherever no two compared loads are equal and every group total
+is an integer below 2**24 (then its float32 sum is exact). Its ``torch.sort`` is not stable (on
+CPU, for rows longer than 16), so where loads tie, as the replicas of one expert always do, the
+reference's replica order (``log2phy``), and for ties between experts its ``phy2log``, depend on
+torch's sort implementation.
 
 Preconditions (checked by :func:`eplb_service.policy.rebalance_experts`): ``weight`` is float32,
 finite and non-negative; ``num_replicas >= num_experts``; ``num_replicas % num_gpus == 0``;
@@ -28,26 +33,51 @@ from eplb_service.policy._common import (
     FloatArray,
     IntArray,
     Placement,
+    gather_rows,
     inverse_permutation,
     log2phy_from_ranks,
+    scatter_rows,
 )
 
 __all__ = [
     "balanced_packing",
+    "descending_order",
     "rebalance_experts",
     "rebalance_experts_hierarchical",
     "replicate_experts",
 ]
+
+_INT32_MAX = np.int64(2**31 - 1)
+_INT32_MASK = np.int64(2**32 - 1)
+
+
+def descending_order(weight: FloatArray) -> IntArray:
+    """Stable descending argsort of every row: equal loads keep ascending index order.
+
+    Sorts one int64 key per item instead of running a (slow) stable float argsort: the high 32
+    bits order the loads (the bits of a non-negative float32, read as an integer, grow with
+    its value), the low 32 bits hold the item index and break ties.
+
+    Parameters:
+        weight: [X, n], non-negative float32 (no NaN)
+
+    Returns:
+        order: [X, n], order[x, k] is the index of the k-th heaviest item of row x
+    """
+    bits = (weight + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> +0.0
+    key = ((_INT32_MAX - bits) << 32) | np.arange(weight.shape[1], dtype=np.int64)
+    key.sort(axis=1)
+    return key & _INT32_MASK
 
 
 def balanced_packing(weight: FloatArray, num_packs: int) -> tuple[IntArray, IntArray]:
     """Packs n weighted items of every row into m packs of exactly n/m items each.
 
     Greedy: items in descending weight order (stable), each to the lightest pack with room
-    (ties to the lowest pack index).
+    (ties to the lowest pack index). All rows advance together, one item per step.
 
     Parameters:
-        weight: [X, n], float32 weight of each item
+        weight: [X, n], non-negative float32 weight of each item
         num_packs: m, must divide n
 
     Returns:
@@ -60,31 +90,31 @@ def balanced_packing(weight: FloatArray, num_packs: int) -> tuple[IntArray, IntA
         pack_index = np.broadcast_to(np.arange(num_items, dtype=np.int64), weight.shape).copy()
         return pack_index, np.zeros_like(pack_index)
 
-    order = np.argsort(-weight, axis=1, kind="stable")  # [X, n]
-    # Row k holds the k-th heaviest item of every row: contiguous per step.
-    item_weight = np.ascontiguousarray(np.take_along_axis(weight, order, axis=1).T)  # [n, X]
-    pack_load = np.zeros(num_rows * num_packs, dtype=np.float32)  # [X * m], full packs: +inf
-    pack_size = np.zeros(num_rows * num_packs, dtype=np.int64)  # [X * m]
+    order = descending_order(weight)  # [X, n]
+    item_weight = np.ascontiguousarray(gather_rows(weight, order).T)  # [n, X], step k: row k
+    # Adding full_penalty[size] makes a pack's load +inf once it holds `capacity` items, so
+    # argmin skips it; adding 0.0 otherwise leaves the float32 accumulation exact.
+    full_penalty = np.zeros(capacity + 1, dtype=np.float32)
+    full_penalty[capacity] = np.inf
+    pack_load = np.zeros(num_rows * num_packs, dtype=np.float32)  # [X * m]
     pack_load_2d = pack_load.reshape(num_rows, num_packs)  # view
+    pack_size = np.zeros(num_rows * num_packs, dtype=np.int64)  # [X * m]
     row_offset = np.arange(num_rows, dtype=np.int64) * num_packs  # [X]
+    flat = np.empty(num_rows, dtype=np.int64)  # [X], index of the chosen pack in pack_load
     sorted_pack = np.empty((num_items, num_rows), dtype=np.int64)  # [n, X]
     sorted_rank = np.empty((num_items, num_rows), dtype=np.int64)  # [n, X]
-    flat = np.empty(num_rows, dtype=np.int64)
     for k in range(num_items):
         pack = pack_load_2d.argmin(axis=1)  # first minimum: lowest pack index
         np.add(pack, row_offset, out=flat)
         size = pack_size[flat]
         sorted_pack[k] = pack
         sorted_rank[k] = size
-        pack_load[flat] += item_weight[k]
         size += 1
         pack_size[flat] = size
-        pack_load[flat[size == capacity]] = np.inf
+        pack_load[flat] += item_weight[k] + full_penalty[size]
 
-    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
-    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
-    np.put_along_axis(pack_index, order, sorted_pack.T, axis=1)
-    np.put_along_axis(rank_in_pack, order, sorted_rank.T, axis=1)
+    pack_index = scatter_rows(order, sorted_pack.T)
+    rank_in_pack = scatter_rows(order, sorted_rank.T)
     return pack_index, rank_in_pack
 
 
@@ -162,8 +192,7 @@ def rebalance_experts_hierarchical(
     phy_per_node = num_physical_experts // num_nodes
     phy_per_gpu = num_physical_experts // num_gpus
 
-    # Step 1: pack groups onto nodes. Group loads are summed in float64 and rounded once, so
-    # they do not depend on a summation order (exact for integer loads below 2**24).
+    # Step 1: pack groups onto nodes. Group loads are summed in float64 and rounded once.
     group_load = weight.reshape(num_layers, num_groups, group_size).sum(-1, dtype=np.float64)
     group_pack, group_rank = balanced_packing(group_load.astype(np.float32), num_nodes)  # [L, G]
     group_start = (group_pack * groups_per_node + group_rank) * group_size  # [L, G]
@@ -171,22 +200,22 @@ def rebalance_experts_hierarchical(
     mlog2log = inverse_permutation(log2mlog)  # [L, E]
 
     # Step 2: replicate experts within each node. Rows are (layer, node) pairs.
-    mlog_load = np.take_along_axis(weight, mlog2log, axis=1).reshape(-1, log_per_node)
+    mlog_load = gather_rows(weight, mlog2log).reshape(-1, log_per_node)
     phy2mlog, phy_rank, mlogcnt = replicate_experts(mlog_load, phy_per_node)  # [L*N, P/N]
 
     # Step 3: pack each node's replicas onto its GPUs.
     replica_load = mlog_load / mlogcnt.astype(np.float32)  # [L*N, E/N]
-    phy_load = np.take_along_axis(replica_load, phy2mlog, axis=1)  # [L*N, P/N]
+    phy_load = gather_rows(replica_load, phy2mlog)  # [L*N, P/N]
     pack_index, rank_in_pack = balanced_packing(phy_load, num_gpus // num_nodes)
     phy2pphy = pack_index * phy_per_gpu + rank_in_pack  # [L*N, P/N], slot within the node
     pphy2phy = inverse_permutation(phy2pphy)
 
     # Map back: node-local replica ids -> global mlog ids -> logical ids.
-    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1).reshape(num_layers, num_nodes, -1)
+    pphy2mlog = gather_rows(phy2mlog, pphy2phy).reshape(num_layers, num_nodes, -1)
     pphy2mlog += (np.arange(num_nodes, dtype=np.int64) * log_per_node)[:, None]
-    pphy2log = np.take_along_axis(mlog2log, pphy2mlog.reshape(num_layers, -1), axis=1)
-    pphy_rank = np.take_along_axis(phy_rank, pphy2phy, axis=1).reshape(num_layers, -1)
-    logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, axis=1)
+    pphy2log = gather_rows(mlog2log, pphy2mlog.reshape(num_layers, -1))
+    pphy_rank = gather_rows(phy_rank, pphy2phy).reshape(num_layers, -1)
+    logcnt = gather_rows(mlogcnt.reshape(num_layers, -1), log2mlog)
     return pphy2log, pphy_rank, logcnt
 
 
