@@ -63,7 +63,8 @@ def balancedness(loads: FloatArray) -> FloatArray:
     """``[L, R]`` rank loads -> ``[L]`` mean / max (1.0 for a layer with no load)."""
     peak = loads.max(axis=1)
     mean = loads.mean(axis=1)
-    return np.divide(mean, peak, out=np.ones_like(mean), where=peak > 0)
+    # mean <= max exactly; clip the last-ulp rounding of the mean (equal loads gave 1 + 2e-16).
+    return np.minimum(np.divide(mean, peak, out=np.ones_like(mean), where=peak > 0), 1.0)
 
 
 def imbalance_ratio(loads: FloatArray) -> FloatArray:
@@ -71,7 +72,7 @@ def imbalance_ratio(loads: FloatArray) -> FloatArray:
     peak = loads.max(axis=1)
     mean = loads.mean(axis=1)
     ratio = np.divide(peak, mean, out=np.ones_like(mean), where=mean > 0)
-    return ratio - 1.0
+    return np.maximum(ratio - 1.0, 0.0)  # never -1e-16 from rounding (see balancedness)
 
 
 def lower_bound(weight: FloatArray, num_slots: int, num_ranks: int) -> FloatArray:
