@@ -42,6 +42,10 @@ REPORT_KEYS = {
     "migration",
     "time_ms",
     "out",
+    "changed",
+    "reason",
+    "strategy",
+    "strategy_reason",
 }
 BALANCE_KEYS = {
     "balancedness_mean",

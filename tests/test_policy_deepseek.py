@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -15,8 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from benchmarks import baseline_deepseek
-from eplb_service.policy import POLICIES, rebalance_experts
+from eplb_service import policy
+from eplb_service.policy import POLICIES
 from eplb_service.policy.deepseek import balanced_packing, descending_order
+
+# The function under test: the dispatcher with the deepseek policy (the default is "default").
+rebalance_experts = functools.partial(policy.rebalance_experts, policy="deepseek")
 
 # DeepSeek's README example: 2 layers x 12 experts, 16 slots, 4 groups, 2 nodes, 8 GPUs.
 README_WEIGHT = [
@@ -243,7 +248,7 @@ def test_known_policies() -> None:
     assert "deepseek" in POLICIES
     weight = np.array(README_WEIGHT)
     assert_same(
-        rebalance_experts(weight, 16, 4, 2, 8, policy="deepseek"),
+        policy.rebalance_experts(weight, 16, 4, 2, 8, policy="deepseek"),
         (np.array(README_PHY2LOG), padded(README_LOG2PHY, 5), np.array(README_LOGCNT)),
     )
 
@@ -285,7 +290,7 @@ def test_bad_torch_input() -> None:
 
 def test_unknown_policy() -> None:
     with pytest.raises(ValueError, match=r"unknown policy 'nope'.*deepseek"):
-        rebalance_experts(np.ones((2, 12)), **GOOD, policy="nope")
+        policy.rebalance_experts(np.ones((2, 12)), **GOOD, policy="nope")
 
 
 def test_unknown_option() -> None:

@@ -2,11 +2,18 @@
 
     eplb plan --load LOAD --num-slots P --num-ranks R [--num-nodes N] [--num-groups G]
               [--policy NAME] [--current CUR] [--expert-bytes B] [--out OUT] [--json]
+              [--max-moves N] [--max-bytes B] [--min-gain G]
+              [--strategy {auto,hierarchical,global}]
 
 Compares the plan with the placement in service (CUR, or the engines' identity placement when
 no CUR is given) under LOAD: balancedness (mean and worst layer), imbalance, max rank load over
 the lower bound, and the migration from CUR (or identity) to the plan. ``--json`` prints the same
 as one JSON object. Bad input exits with code 2 and one line on stderr.
+
+With the default policy (``sticky``, :func:`eplb_service.policy.sticky.plan`) the plan is made
+from CUR: it keeps what can stay, ``--max-moves`` / ``--max-bytes`` cap what moves,
+``--min-gain`` keeps CUR unless balancedness rises by at least G, ``--strategy`` chooses
+group locality; the report says which strategy was used and why, and whether anything changed.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any, NoReturn
 from eplb_service.cli import UsageError
 
 # The policy `eplb plan` uses when --policy is not given.
-DEFAULT_POLICY = "deepseek"
+DEFAULT_POLICY = "default"
 
 
 def _int_at_least(minimum: int) -> Any:
@@ -37,6 +44,20 @@ def _int_at_least(minimum: int) -> Any:
         return value
 
     parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _float_at_least(minimum: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= minimum:  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = f"number >= {minimum:g}"
     return parse
 
 
@@ -98,8 +119,32 @@ def register(subparsers: Any) -> None:
         help="write the plan: .npy or .json (SGLang --init-expert-location form)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    # Room for the migration-aware policy: --max-moves N --min-gain G (not yet).
+    # Migration-aware options of the default policy (sticky); they need --current.
+    parser.add_argument(
+        "--max-moves", type=_int_at_least(0), metavar="N",
+        help="rewrite at most N slots (best balancedness gain per move first); needs --current",
+    )
+    parser.add_argument(
+        "--max-bytes", type=_int_at_least(0), metavar="B",
+        help="transfer at most B bytes of expert weights; needs --current and --expert-bytes",
+    )
+    parser.add_argument(
+        "--min-gain", type=_float_at_least(0.0), default=0.0, metavar="G",
+        help="keep CUR unless mean balancedness rises by at least G (default 0); needs --current",
+    )
+    parser.add_argument(
+        "--strategy", choices=("auto", "hierarchical", "global"), default="auto",
+        help="hierarchical keeps each expert group's replicas on one node; auto (default) does "
+        "when that costs little balance",
+    )
     parser.set_defaults(func=run)
+
+
+def _sticky(policy: str) -> Any:
+    """:func:`eplb_service.policy.sticky.plan` when ``policy`` names the sticky policy."""
+    from eplb_service.policy import POLICIES, sticky
+
+    return sticky.plan if POLICIES[policy] is sticky.rebalance_experts else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -163,11 +208,34 @@ def run(args: argparse.Namespace) -> int:
 
     current_map = before.phy2log if args.current is not None else None
     options = _policy_options(POLICIES[args.policy], current_map)
+    sticky_plan = _sticky(args.policy)
+    migration_options = {"--max-moves": args.max_moves, "--max-bytes": args.max_bytes,
+                         "--min-gain": args.min_gain or None}
+    given = [name for name, value in migration_options.items() if value is not None]
+    if given and sticky_plan is None:
+        raise UsageError(f"{', '.join(given)}: policy {args.policy!r} does not take them "
+                         f"(use --policy {DEFAULT_POLICY})")
+    if given and args.current is None:
+        raise UsageError(f"{', '.join(given)} need --current (the placement in service)")
+    if args.strategy != "auto" and sticky_plan is None:
+        raise UsageError(f"--strategy: policy {args.policy!r} does not take it")
+    extra: dict[str, Any] = {}
     start = time.perf_counter()
     try:
-        phy2log, _, _ = rebalance_experts(
-            load, slots, groups, nodes, ranks, policy=args.policy, **options
-        )
+        if sticky_plan is not None:
+            result = sticky_plan(
+                load, topology, num_groups=groups,
+                current=before if args.current is not None else None,
+                max_moves=args.max_moves, max_bytes=args.max_bytes,
+                expert_bytes=args.expert_bytes, min_gain=args.min_gain, strategy=args.strategy,
+            )
+            phy2log = result.placement.phy2log
+            extra = {"changed": result.changed, "reason": result.reason,
+                     "strategy": result.strategy, "strategy_reason": result.strategy_reason}
+        else:
+            phy2log, _, _ = rebalance_experts(
+                load, slots, groups, nodes, ranks, policy=args.policy, **options
+            )
     except ValueError as exc:
         raise UsageError(_one_line(exc)) from None
     time_ms = (time.perf_counter() - start) * 1e3
@@ -180,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     migration = summarize_migration(before, after, args.expert_bytes)
+    if not extra:  # same keys for every policy; only the default one chooses a strategy
+        extra = {"changed": migration.slots_changed > 0, "reason": None, "strategy": None,
+                 "strategy_reason": None}
     if args.out is not None:
         from eplb_service.loadfile import write_placement
 
@@ -204,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         "migration": migration.to_dict(),
         "time_ms": time_ms,
         "out": None if args.out is None else str(args.out),
+        **extra,
     }
     return _emit(json.dumps(report) if args.json else format_report(report))
 
@@ -277,6 +349,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"  bytes moved: {_bytes(m['bytes_moved'])} "
             f"({_bytes(m['cross_node_bytes'])} cross-node)"
         )
+    if report.get("strategy"):
+        lines.append(f"strategy: {report['strategy']} ({report['strategy_reason']})")
+    if report.get("changed") is False:
+        lines.append(f"no change: {report['reason']}")
+    elif report.get("reason"):
+        lines.append(f"note: {report['reason']}")
     lines.append(f"planned in {report['time_ms']:.1f} ms")
     if report["out"] is not None:
         lines.append(f"wrote {report['out']}")

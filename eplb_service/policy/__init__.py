@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from eplb_service.policy import deepseek
+from eplb_service.policy import deepseek, sticky
 from eplb_service.policy._common import Placement, PolicyFn
 from eplb_service.policy._inputs import as_load, check_sizes, like_input
 
@@ -26,6 +26,8 @@ __all__ = ["POLICIES", "Placement", "PolicyFn", "rebalance_experts"]
 POLICIES: Mapping[str, PolicyFn] = MappingProxyType(
     {
         "deepseek": deepseek.rebalance_experts,
+        "sticky": sticky.rebalance_experts,
+        "default": sticky.rebalance_experts,
     }
 )
 
@@ -37,7 +39,7 @@ def rebalance_experts(
     num_nodes: int,
     num_gpus: int,
     *,
-    policy: str = "deepseek",
+    policy: str = "default",
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Plans a placement of ``num_replicas`` slots for the load ``weight``.

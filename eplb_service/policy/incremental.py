@@ -1,0 +1,420 @@
+"""Planning from the placement in service: keep what can stay, move what pays.
+
+Rows ``X`` as in :mod:`eplb_service.policy.fresh`; arrangements ``[X, R, S]`` of expert ids, where
+``-1`` marks a slot that must be rewritten (it holds an expert that may not stay there, e.g. one
+of another node's groups in a hierarchical plan). A row's goal is the fresh plan's largest rank
+load times ``1 + tolerance``; a row already within it keeps every slot.
+
+For the other rows, three attempts, each taken only by rows the previous one left above goal:
+
+1. *Hysteresis counts*: change only the replica counts that must change
+   (:func:`adjust_counts` up to the fresh plan's largest replica), drop surplus replicas from the
+   most loaded ranks, put the new ones into the freed slots (the cheapest slot where it fits
+   under the goal), then swap by best gain per cost until the goal (:func:`refine_swaps`).
+2. *Fresh counts*: the same with the fresh plan's counts.
+3. *Aligned fresh plan*: the fresh plan itself with its ranks renumbered and its slots ordered
+   to keep as many (slot, expert) pairs as possible.
+
+Costs of writing an expert into a slot (:class:`~eplb_service.policy.packing.SwapCosts`): a
+copy inside the GPU < a copy from a GPU of the same node < a copy across nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from eplb_service.policy.fresh import count_rows, item_loads
+from eplb_service.policy.packing import SwapCosts, SwapLog, held_counts, refine_swaps
+from eplb_service.policy.replication import adjust_counts
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+B8 = npt.NDArray[np.bool_]
+
+# The swap search aims this fraction of the tolerance below it, to give choose_points options.
+SEARCH = 0.5
+
+__all__ = ["FreshFn", "Paths", "align_slots", "align_to", "materialize", "replan"]
+
+@dataclass
+class Paths:
+    """Per row, the moves from the arrangement in service toward the goal, and their effect.
+
+    Point ``k`` of a row: ``k = 0`` is the arrangement in service, ``k = 1`` the staged one (the
+    replica counts changed, or the aligned fresh plan for rows that fell back to it), ``k = 1 + j``
+    the staged one after the row's first ``j`` swaps. :func:`materialize` builds any choice of
+    points; every point with ``k >= min_point`` is a valid arrangement of the row.
+
+    Attributes:
+        current: [X, R, S], the arrangement in service (-1: a slot that must change)
+        staged: [X, R, S]
+        swap_row, swap_a, swap_b: [M], the swaps in order (slots ``r * S + s``)
+        changed: [X, K], slots differing from ``current`` at each point (padded with the last)
+        arrivals: [X, K], (rank, expert) pairs held at each point but not in ``current``
+        peak: [X, K], largest rank load at each point
+        points: [X], number of points of each row (>= 2)
+        min_point: [X], 1 where ``current`` itself is not acceptable (free slots), else 0
+        goal_met: [X], whether the last point is within the goal
+    """
+
+    current: I64
+    staged: I64
+    swap_row: I64
+    swap_a: I64
+    swap_b: I64
+    changed: I64
+    arrivals: I64
+    peak: F64
+    points: I64
+    min_point: I64
+    goal_met: B8
+
+
+def materialize(paths: Paths, point: I64) -> I64:
+    """``[X]`` chosen points -> ``[X, R, S]`` arrangements."""
+    num_rows = point.shape[0]
+    out = np.where((point >= 1)[:, None, None], paths.staged, paths.current)
+    flat = out.reshape(num_rows, -1)
+    # j-th swap of its row: rank of each log entry among its row's entries.
+    order = np.argsort(paths.swap_row, kind="stable")
+    row_sorted = paths.swap_row[order]
+    starts = np.searchsorted(row_sorted, np.arange(num_rows))
+    index = np.empty_like(order)
+    index[order] = np.arange(order.size) - starts[row_sorted]
+    take = index < point[paths.swap_row] - 1
+    for m in np.flatnonzero(take):  # in log order: a row's swaps stay in sequence
+        r, a, b = paths.swap_row[m], paths.swap_a[m], paths.swap_b[m]
+        flat[r, a], flat[r, b] = flat[r, b], flat[r, a]
+    return out
+
+
+def _reassign(weight: F64, current: I64, counts: I64, goal: F64, costs: SwapCosts) -> I64:
+    """Changes ``current`` to the given counts, rewriting only the slots the counts require.
+
+    Surplus replicas are dropped from the most loaded ranks (free slots are freed too); each
+    new replica, heaviest first, goes to the freed slot of least arrival cost among those whose
+    rank stays under ``goal``, else to the freed slot of the lightest rank.
+
+    Parameters:
+        weight: [X, n]; current: [X, R, S] (< 0: free); counts: [X, n], target counts
+            (>= 1, rows summing to P); goal: [X]; costs: write costs of the rows
+
+    Returns:
+        item: [X, R, S] holding exactly ``counts``
+    """
+    num_rows, num_ranks, per_rank = current.shape
+    n = weight.shape[1]
+    num_slots = num_ranks * per_rank
+    item = current.copy()
+    flat = item.reshape(num_rows, num_slots)  # view
+    before = count_rows(current, n)
+    surplus = np.maximum(before - counts, 0)
+    deficit = np.maximum(counts - before, 0)
+    rows = np.arange(num_rows)[:, None]
+    slot_rank = np.repeat(np.arange(num_ranks), per_rank)  # [P]
+
+    # Drop: per expert, its surplus replicas on the most loaded ranks.
+    rank_load = item_loads(weight, current, before).sum(axis=2)  # [X, R]
+    pressure = rank_load[:, slot_rank] / np.maximum(rank_load.max(axis=1, keepdims=True), 1e-300)
+    expert = np.where(flat >= 0, flat, n)  # free slots sort last
+    order = np.argsort(expert * 4.0 - pressure, axis=1, kind="stable")  # by expert, hot first
+    sorted_expert = expert[rows, order]
+    first = np.concatenate([np.zeros((num_rows, 1), np.int64), np.cumsum(before, axis=1)], axis=1)
+    position = np.arange(num_slots)[None, :] - first[rows, sorted_expert]
+    surplus_pad = np.concatenate([surplus, np.zeros((num_rows, 1), np.int64)], axis=1)
+    freed = np.zeros((num_rows, num_slots), dtype=bool)
+    freed[rows, order] = position < surplus_pad[rows, sorted_expert]
+    flat[freed] = -1
+
+    # Add: new replicas heaviest first, each into the cheapest freed slot where it fits.
+    per = weight / counts
+    rank_load = _slot_loads(per, item).sum(axis=2)
+    new_expert = np.repeat(np.tile(np.arange(n), num_rows), deficit.ravel())
+    new_row = np.repeat(np.arange(num_rows), deficit.sum(axis=1))
+    key = np.lexsort((-per[new_row, new_expert], new_row))
+    new_expert, new_row = new_expert[key], new_row[key]
+    starts = np.concatenate([[0], np.cumsum(deficit.sum(axis=1))])
+    rank_in_row = np.arange(new_row.size) - starts[new_row]
+    for k in range(int(rank_in_row.max(initial=-1)) + 1):
+        sel = rank_in_row == k
+        r_ids, e_ids = new_row[sel], new_expert[sel]
+        free_now = flat[r_ids] < 0  # [a, P]
+        x = per[r_ids, e_ids]  # [a]
+        after = rank_load[r_ids][:, slot_rank] + x[:, None]  # [a, P]
+        cost = costs.arrival(r_ids[:, None], slot_rank[None, :], e_ids[:, None])  # [a, P]
+        fits = free_now & (after <= goal[r_ids, None])
+        score = np.where(
+            fits.any(axis=1, keepdims=True),
+            np.where(fits, cost * 1e6 + after, np.inf),  # cheapest fitting, then lightest
+            np.where(free_now, after, np.inf),
+        )
+        slot = score.argmin(axis=1)
+        flat[r_ids, slot] = e_ids
+        rank_load[r_ids, slot // per_rank] += x
+    return item
+
+
+def _slot_loads(per: F64, item: I64) -> F64:
+    """``[X, n]`` per-replica loads, ``[X, R, S]`` arrangement -> slot loads (0 where free)."""
+    rows = np.arange(item.shape[0])[:, None, None]
+    return np.where(item >= 0, per[rows, np.maximum(item, 0)], 0.0)
+
+
+def _attempt(
+    weight: F64, counts: I64, goal: F64, search_goal: F64, costs: SwapCosts, max_moves: int,
+) -> tuple[I64, SwapLog, F64]:
+    """Reassign to ``counts``, then swap toward ``search_goal``; returns staged, log, peaks."""
+    staged = _reassign(weight, costs.original, counts, goal, costs)
+    load = _slot_loads(weight / counts, staged)
+    load, _, log = refine_swaps(load, staged, search_goal, costs=costs, max_moves=max_moves)
+    return staged, log, load.sum(axis=2).max(axis=1)
+
+
+def align_to(fresh: I64, current: I64) -> I64:
+    """Renumbers the ranks of ``fresh`` (and orders each rank's slots) to match ``current``.
+
+    Ranks are matched by the number of experts they share (:func:`_match_ranks`); then
+    :func:`align_slots` keeps shared experts in their current slots.
+
+    Parameters:
+        fresh: [X, R, S], a plan whose ranks may be permuted freely
+        current: [X, R, S], the arrangement in service (< 0: free)
+
+    Returns:
+        [X, R, S], ``fresh`` with ranks permuted and slots ordered
+    """
+    num_rows, num_ranks, _ = fresh.shape
+    # overlap[x, a, b]: (slot, slot) pairs of fresh rank a and current rank b holding the
+    # same expert.
+    same = fresh[:, :, :, None, None] == current[:, None, None, :, :]  # [X, R, S, R, S]
+    overlap = same.sum(axis=(2, 4)).astype(np.float64) + 1e-3  # any match beats none
+    # Equal overlaps: fresh rank a prefers current ranks a, a + 1, ... (spreads the ties).
+    shift = (np.arange(num_ranks)[None, :] - np.arange(num_ranks)[:, None]) % num_ranks
+    overlap -= 1e-6 * shift / num_ranks
+    target = _match_ranks(overlap)
+    out = np.empty_like(fresh)
+    out[np.arange(num_rows)[:, None], target] = fresh
+    return align_slots(out, current)
+
+
+def _match_ranks(overlap: F64) -> I64:
+    """A one-to-one matching of fresh ranks to current ranks with large total overlap.
+
+    Rounds of proposals: every unmatched fresh rank proposes to the free current rank it
+    overlaps most; every current rank keeps its best proposer (ties to the lower index).
+
+    Parameters:
+        overlap: [X, R, R], > 0, how much fresh rank a shares with current rank b
+
+    Returns:
+        target: [X, R], the current rank of each fresh rank
+    """
+    num_rows, num_ranks, _ = overlap.shape
+    target = np.full((num_rows, num_ranks), -1, dtype=np.int64)
+    free = np.ones((num_rows, num_ranks), dtype=bool)  # current ranks not taken
+    rows = np.arange(num_rows)[:, None]
+    fresh_ranks = np.arange(num_ranks)[None, :]
+    while (target < 0).any():
+        open_f = target < 0  # [X, Rf]
+        masked = np.where(open_f[:, :, None] & free[:, None, :], overlap, -np.inf)
+        choice = masked.argmax(axis=2)  # [X, Rf]
+        value = masked[rows, fresh_ranks, choice]  # [X, Rf], -inf where not proposing
+        # offer[x, a, b]: fresh rank a's proposal value to current rank b.
+        offer = np.where(choice[:, :, None] == np.arange(num_ranks)[None, None, :],
+                         value[:, :, None], -np.inf)
+        winner = offer.argmax(axis=1)  # [X, Rc], best proposer of each current rank
+        won = np.isfinite(offer.max(axis=1))  # [X, Rc]
+        x, b = np.nonzero(won)
+        target[x, winner[x, b]] = b
+        free[x, b] = False
+    return target
+
+
+def align_slots(new: I64, old: I64) -> I64:
+    """Orders each rank's slots of ``new`` so that experts also in ``old`` keep their slot.
+
+    Parameters:
+        new: [X, R, S], expert ids
+        old: [X, R, S], expert ids (< 0 never match)
+
+    Returns:
+        [X, R, S], ``new`` with each rank's items permuted
+    """
+    per_rank = new.shape[2]
+    used = np.zeros(new.shape, dtype=bool)  # items of new already placed
+    out = np.full_like(new, -1)
+    for s in range(per_rank):
+        match = (new == old[:, :, s : s + 1]) & ~used  # [X, R, S]
+        hit = match.any(axis=2)
+        j = match.argmax(axis=2)
+        x, r = np.nonzero(hit)
+        out[x, r, s] = new[x, r, j[x, r]]
+        used[x, r, j[x, r]] = True
+    # Remaining items fill the remaining slots in order.
+    rest = np.sort(np.where(used, np.iinfo(np.int64).max, np.arange(per_rank)), axis=2)
+    holes = np.sort(np.where(out < 0, np.arange(per_rank), np.iinfo(np.int64).max), axis=2)
+    x, r, k = np.nonzero(holes < per_rank)
+    out[x, r, holes[x, r, k]] = new[x, r, rest[x, r, k]]
+    return out
+
+
+FreshFn = Callable[[I64], tuple[I64, F64]]
+
+
+def replan(
+    weight: F64,
+    current: I64,
+    reference: F64,
+    fresh: FreshFn,
+    *,
+    num_nodes: int,
+    tolerance: float,
+    allowance: F64 | None = None,
+    search: float = SEARCH,
+    max_moves: int = 256,
+) -> tuple[Paths, F64]:
+    """Move paths for every row from its arrangement in service (see the module docstring).
+
+    A row's goal is ``reference * (1 + tolerance) + allowance``, where ``reference`` starts as a
+    cheap stand-in for the fresh plan's largest rank load (the lower bound); rows not already
+    within reach of it ask ``fresh`` for their fresh plan and take its largest rank load
+    instead (so a row already near the bound costs no fresh plan).
+    Swaps continue toward ``reference * (1 + search * tolerance) + search * allowance`` so that
+    a caller choosing points across rows (:func:`eplb_service.policy.budget.choose_points`)
+    can spend moves where they pay most.
+
+    Parameters:
+        weight: [X, n], loads
+        current: [X, R, S], experts in service (< 0: must be rewritten)
+        reference: [X], a lower estimate of the fresh plan's largest rank load per row
+        fresh: rows -> (fresh plan [r, R, S], its largest rank load [r]) of those rows
+        num_nodes: nodes the ranks of a row span (for transfer costs)
+        tolerance: relative max rank load above the fresh plan a row may keep
+        allowance: [X], absolute load a row may keep above that too (sampling noise)
+        search: fraction of the tolerance and allowance the swap search aims for
+        max_moves: most swaps per row
+
+    Returns:
+        paths: :class:`Paths`
+        goal: [X], each row's goal (with the fresh plan's load where it was needed)
+    """
+    num_rows, num_ranks, per_rank = current.shape
+    n = weight.shape[1]
+    num_slots = num_ranks * per_rank
+    extra = np.zeros(num_rows) if allowance is None else allowance
+    reference = reference.copy()
+
+    def goals(rows: I64 | slice) -> tuple[F64, F64]:
+        ref, more = reference[rows], extra[rows]
+        return ref * (1 + tolerance) + more, ref * (1 + search * tolerance) + search * more
+
+    goal, search_goal = goals(slice(None))
+    costs = SwapCosts.in_service(current, n, num_nodes)
+    before = count_rows(current, n)
+    must_fix = (before == 0).any(axis=1) | (current < 0).any(axis=(1, 2))
+    peak0 = item_loads(weight, current, before).sum(axis=2).max(axis=1)
+    staged = current.copy()
+    staged_peak = peak0.copy()
+    logs: list[tuple[I64, SwapLog]] = []
+    met = ~must_fix & (peak0 <= goal * (1 + 1e-9))
+
+    def attempt(rows: I64, counts: I64) -> tuple[I64, SwapLog, F64]:
+        return _attempt(weight[rows], counts, goal[rows], search_goal[rows], costs.rows(rows),
+                        max_moves)
+
+    def accept(rows: I64, counts: I64, got: I64, log: SwapLog, last: F64) -> I64:
+        """Keeps the attempt's rows that meet their goal; returns the others."""
+        ok = (last <= goal[rows] * (1 + 1e-9)) | (
+            ~must_fix[rows] & (peak0[rows] <= goal[rows] * (1 + 1e-9))
+        )
+        staged[rows[ok]] = got[ok]
+        staged_peak[rows[ok]] = _slot_loads(weight[rows[ok]] / counts[ok], got[ok]).sum(
+            axis=2
+        ).max(axis=1)
+        met[rows[ok]] = True
+        keep = ok[log.row]
+        logs.append((rows, SwapLog(log.row[keep], log.slot_a[keep], log.slot_b[keep],
+                                   log.peak[keep], log.changed[keep], log.arrivals[keep])))
+        return rows[~ok]
+
+    todo = np.flatnonzero(must_fix | (peak0 > search_goal * (1 + 1e-9)))
+    if todo.size:
+        # Rows not already near the stand-in need the fresh plan: its largest rank load is
+        # their reference from here on.
+        fresh_item, fresh_peak = fresh(todo)
+        reference[todo] = np.maximum(reference[todo], fresh_peak)
+        goal[todo], search_goal[todo] = goals(todo)
+        met[todo] = ~must_fix[todo] & (peak0[todo] <= goal[todo] * (1 + 1e-9))
+        busy = must_fix[todo] | (peak0[todo] > search_goal[todo] * (1 + 1e-9))
+        todo, fresh_item, fresh_peak = todo[busy], fresh_item[busy], fresh_peak[busy]
+    if todo.size:
+        # 1. Hysteresis counts: change only those that must change.
+        level = (weight[todo] / count_rows(fresh_item, n)).max(axis=1) * (1 + tolerance)
+        counts = adjust_counts(weight[todo], before[todo], level, num_slots)
+        later = accept(todo, counts, *attempt(todo, counts))
+        if later.size:
+            # 2. The fresh plan's counts.
+            pick = np.searchsorted(todo, later)
+            fresh_counts = count_rows(fresh_item[pick], n)
+            final = accept(later, fresh_counts, *attempt(later, fresh_counts))
+            if final.size:
+                # 3. Last resort: the fresh plan, renumbered to keep what it can.
+                idx = np.searchsorted(todo, final)
+                staged[final] = align_to(fresh_item[idx], current[final])
+                staged_peak[final] = fresh_peak[idx]
+                met[final] = True
+    paths = _assemble(weight, current, staged, staged_peak, logs, peak0, must_fix, met, costs)
+    return paths, goal
+
+
+def _assemble(
+    weight: F64, current: I64, staged: I64, staged_peak: F64,
+    logs: list[tuple[I64, SwapLog]], peak0: F64, must_fix: B8, met: B8, costs: SwapCosts,
+) -> Paths:
+    """Collects the attempts' logs into padded per-row point arrays."""
+    num_rows = current.shape[0]
+    n = weight.shape[1]
+    rows = np.concatenate([r[log.row] for r, log in logs]) if logs else np.zeros(0, np.int64)
+    def cat(name: str) -> npt.NDArray[np.generic]:
+        if not logs:
+            return np.zeros(0, dtype=np.float64 if name == "peak" else np.int64)
+        return np.concatenate([getattr(log, name) for _, log in logs])
+    slot_a, slot_b = cat("slot_a").astype(np.int64), cat("slot_b").astype(np.int64)
+    peak, changed, arrivals = cat("peak"), cat("changed"), cat("arrivals")
+    moves = np.bincount(rows, minlength=num_rows)
+    width = 2 + int(moves.max(initial=0))
+    order = np.argsort(rows, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(moves)])
+    index = np.empty_like(order)
+    index[order] = np.arange(order.size) - starts[rows[order]]
+    col = 2 + index
+
+    staged_changed = (staged != current).reshape(num_rows, -1).sum(axis=1)
+    staged_arrivals = ((held_counts(staged, n)[:, :, :n] > 0) & ~costs.held).sum(axis=(1, 2))
+    out_changed = np.zeros((num_rows, width), dtype=np.int64)
+    out_arrivals = np.zeros((num_rows, width), dtype=np.int64)
+    out_peak = np.zeros((num_rows, width))
+    out_peak[:, 0] = peak0
+    out_changed[:, 1:] = staged_changed[:, None]
+    out_arrivals[:, 1:] = staged_arrivals[:, None]
+    out_peak[:, 1:] = staged_peak[:, None]
+    out_changed[rows, col] = changed
+    out_arrivals[rows, col] = arrivals
+    out_peak[rows, col] = peak
+    points = 2 + moves
+    # Pad each row with its last point.
+    pad = np.arange(width)[None, :] >= points[:, None]
+    last = points - 1
+    r_idx = np.arange(num_rows)
+    out_changed = np.where(pad, out_changed[r_idx, last][:, None], out_changed)
+    out_arrivals = np.where(pad, out_arrivals[r_idx, last][:, None], out_arrivals)
+    out_peak = np.where(pad, out_peak[r_idx, last][:, None], out_peak)
+    return Paths(
+        current=current, staged=staged, swap_row=rows, swap_a=slot_a, swap_b=slot_b,
+        changed=out_changed, arrivals=out_arrivals, peak=out_peak, points=points,
+        min_point=must_fix.astype(np.int64), goal_met=met,
+    )

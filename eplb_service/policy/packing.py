@@ -1,0 +1,405 @@
+"""Packing replicas onto ranks: a greedy start and a swap local search.
+
+A row ``x`` (a layer, or a (layer, node) pair) has ``R`` ranks of ``S`` slots each; the state
+is kept rank-major as ``[X, R, S]`` arrays of item loads and item ids (expert ids). Every
+function works on all rows at once; Python loops run over items or moves, never over rows.
+
+:func:`refine_swaps` repeatedly swaps one item of a row's most loaded rank with one item of a
+lighter rank. Without costs it takes the swap that lowers that rank the most (a steepest
+descent to a local optimum); with costs it takes the swap with the best gain per cost, where
+gain stops counting at the row's target, so it stops as soon as the target is met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from eplb_service.policy.deepseek import balanced_packing
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+__all__ = [
+    "COST_CROSS_NODE",
+    "COST_INTRA_NODE",
+    "COST_LOCAL",
+    "SwapCosts",
+    "SwapLog",
+    "balance_pairs",
+    "held_counts",
+    "lpt_pack",
+    "refine_swaps",
+]
+
+# Partner ranks examined per step: the lightest ones (where a swap can help most).
+PARTNERS = 4
+# Heavy ranks a row works on per step (each with its own partner).
+LANES = 1
+_REL_EPS = 1e-9
+# With costs, a move's value is its gain minus this fraction of the gap to the target per unit
+# of cost: the biggest step toward the target first, the cheaper of nearly equal steps.
+COST_WEIGHT = 0.05
+
+
+def lpt_pack(load: F64, num_ranks: int) -> I64:
+    """Greedy packing: items in descending load, each to the lightest rank with a free slot.
+
+    Parameters:
+        load: [X, P], item loads (P a multiple of ``num_ranks``)
+        num_ranks: R
+
+    Returns:
+        order: [X, R, S] int64, the item (column of ``load``) in each slot of each rank
+    """
+    num_rows, num_items = load.shape
+    per_rank = num_items // num_ranks
+    pack, rank_in_pack = balanced_packing(load.astype(np.float32), num_ranks)
+    position = pack * per_rank + rank_in_pack  # [X, P], slot of each item
+    order = np.empty_like(position)
+    np.put_along_axis(order, position, np.arange(num_items)[None, :].repeat(num_rows, 0), axis=1)
+    return order.reshape(num_rows, num_ranks, per_rank)
+
+
+# Relative cost of writing an expert into a slot, by where its weights come from.
+COST_LOCAL = 1.0  # the rank already holds the expert (a copy inside the GPU)
+COST_INTRA_NODE = 1.2  # another GPU of the same node holds it (NVLink)
+COST_CROSS_NODE = 1.5  # only other nodes hold it (the network)
+
+
+_COST_OF_TIER = np.array([COST_LOCAL, COST_INTRA_NODE, COST_CROSS_NODE])
+
+
+@dataclass
+class SwapCosts:
+    """What a slot write costs (for migration-aware search).
+
+    Writing expert ``e`` into slot ``(r, s)`` of row ``x`` costs nothing when the slot held
+    ``e`` in the placement in service (``original``), else :meth:`arrival`: ``COST_LOCAL`` when
+    rank ``r`` held ``e``, ``COST_INTRA_NODE`` when a rank of its node did, else
+    ``COST_CROSS_NODE``. Every write also rewrites a slot, hence the small spread of the costs:
+    fewer rewrites first, nearer sources second.
+
+    Attributes:
+        original: [X, R, S], the expert each slot held in service (-1: none may stay)
+        tier: [X, R, n] int8, where expert ``e`` would come from for rank ``r``: 0 the rank
+            itself, 1 its node, 2 another node
+    """
+
+    original: I64
+    tier: npt.NDArray[np.int8]
+
+    @classmethod
+    def in_service(cls, current: I64, num_experts: int, num_nodes: int) -> SwapCosts:
+        """Costs relative to the arrangement ``current [X, R, S]`` (ids < 0: free slots) whose
+        ``R`` ranks span ``num_nodes`` nodes."""
+        num_rows, num_ranks, _ = current.shape
+        held = held_counts(current, num_experts)[:, :, :num_experts] > 0  # [X, R, n]
+        node_held = np.any(held.reshape(num_rows, num_nodes, -1, num_experts), axis=2)
+        near = np.repeat(node_held, num_ranks // num_nodes, axis=1)  # [X, R, n]
+        tier = (2 - held.view(np.int8) - near.view(np.int8)).astype(np.int8)
+        return cls(current, tier)
+
+    def rows(self, index: I64) -> SwapCosts:
+        """The costs of a subset of rows."""
+        return SwapCosts(self.original[index], self.tier[index])
+
+    @property
+    def held(self) -> npt.NDArray[np.bool_]:
+        """[X, R, n]: whether each rank held each expert in service."""
+        return self.tier == 0
+
+    def arrival(self, rows: I64, ranks: I64, experts: I64) -> F64:
+        """Cost of bringing ``experts`` to ``ranks`` of ``rows`` (broadcast index arrays)."""
+        return _COST_OF_TIER[self.tier[rows, ranks, experts]]
+
+    def slot_cost(self, item: I64) -> F64:
+        """``[X, R, S]`` experts -> ``[X, R, S]`` cost of each slot holding them."""
+        num_rows, num_ranks, _ = item.shape
+        rows = np.arange(num_rows)[:, None, None]
+        ranks = np.arange(num_ranks)[None, :, None]
+        cost = self.arrival(rows, ranks, np.maximum(item, 0))
+        cost[item == self.original] = 0.0
+        return cost
+
+
+def held_counts(item: I64, num_experts: int) -> I64:
+    """``[X, R, S]`` -> ``[X, R, n + 1]`` replicas of each expert per rank (column n: free)."""
+    num_rows, num_ranks, _ = item.shape
+    width = num_experts + 1
+    base = (np.arange(num_rows * num_ranks, dtype=np.int64) * width).reshape(
+        num_rows, num_ranks, 1
+    )
+    index = base + np.where(item >= 0, item, num_experts)
+    counts = np.bincount(index.ravel(), minlength=num_rows * num_ranks * width)
+    return counts.reshape(num_rows, num_ranks, width)
+
+
+@dataclass
+class SwapLog:
+    """The moves :func:`refine_swaps` made, in order (a row's moves keep their order).
+
+    Attributes (one entry per move, all ``[M]``):
+        row: the row
+        slot_a, slot_b: the two slots swapped (``r * S + s``)
+        peak: the row's largest rank load after the move
+        changed: with costs, slots differing from ``costs.original`` after the move
+        arrivals: with costs, (rank, expert) pairs held after the move but not in
+            ``costs.original`` (weight transfers)
+    """
+
+    row: I64
+    slot_a: I64
+    slot_b: I64
+    peak: F64
+    changed: I64
+    arrivals: I64
+
+
+class _Holdings:
+    """Replicas each rank holds, and how many (rank, expert) pairs are new vs the original."""
+
+    def __init__(self, item: I64, costs: SwapCosts) -> None:
+        num_rows = item.shape[0]
+        num_experts = costs.held.shape[2]
+        self.held = held_counts(item, num_experts)  # [X, R, n + 1]
+        orig = np.ones(self.held.shape, dtype=bool)  # the free column never counts
+        orig[:, :, :num_experts] = costs.held
+        self.orig = orig
+        self.arrivals = ((self.held > 0) & ~orig).sum(axis=(1, 2))
+        self.changed = (item != costs.original).reshape(num_rows, -1).sum(axis=1)
+
+    def move(self, rows: I64, rank: I64, out: I64, into: I64) -> None:
+        """Rank ``rank`` of each row gives up one ``out`` replica and takes one ``into``."""
+        held, orig = self.held, self.orig
+        gone = (held[rows, rank, out] == 1) & ~orig[rows, rank, out]
+        held[rows, rank, out] -= 1
+        new = (held[rows, rank, into] == 0) & ~orig[rows, rank, into]
+        held[rows, rank, into] += 1
+        self.arrivals[rows] += new.astype(np.int64) - gone.astype(np.int64)
+
+
+def refine_swaps(
+    load: F64,
+    item: I64,
+    target: F64,
+    *,
+    costs: SwapCosts | None = None,
+    max_moves: int = 256,
+) -> tuple[F64, I64, SwapLog]:
+    """Swaps items between ranks until each row's largest rank load is at most its target.
+
+    Each step takes a row's ``LANES`` most loaded ranks that are above the target and its
+    ``PARTNERS`` lightest ranks, and for each heavy rank ``h`` considers every swap of one of
+    its items ``i`` with an item ``j`` of a partner ``p``: ``h`` drops by ``d = x_i - x_j`` and
+    ``p`` rises by ``d``; the swap helps when both end below ``h``'s load and neither rank
+    gets a second replica of an expert. Heavy ranks take their best swaps heaviest first, each
+    partner serving one heavy rank per step. A row stops when it meets its target or its
+    heaviest rank has no helpful swap.
+
+    Parameters:
+        load: [X, R, S], item loads (not modified)
+        item: [X, R, S], item ids moved along with the loads (not modified)
+        target: [X], stop a row once its largest rank load is at most this
+        costs: when given, take the swap with the largest gain (counted down to the target
+            only), less ``COST_WEIGHT`` of the remaining gap per unit of cost; else the swap
+            lowering ``h`` the most
+        max_moves: most moves per row
+
+    Returns:
+        load: [X, R, S], after the swaps
+        item: [X, R, S], after the swaps
+        log: the moves in order (a row's moves in the order applied)
+    """
+    load = load.copy()
+    item = item.copy()
+    num_rows, num_ranks, per_rank = load.shape
+    rank_load = load.sum(axis=2)  # [X, R]
+    slot_cost = costs.slot_cost(item) if costs is not None else None
+    holdings = _Holdings(item, costs) if costs is not None else None
+    logs: dict[str, list[npt.NDArray[np.generic]]] = {
+        k: [] for k in ("row", "slot_a", "slot_b", "peak", "changed", "arrivals")
+    }
+    lanes = max(1, min(LANES, num_ranks // 4))
+    num_partners = min(PARTNERS, num_ranks - lanes)
+    moves = np.zeros(num_rows, dtype=np.int64)
+    active = np.arange(num_rows)
+    if per_rank < 1 or num_partners < 1:
+        active = active[:0]
+
+    while active.size:
+        rl = rank_load[active]  # [a, R]
+        order = np.argsort(-rl, axis=1)
+        heavy = order[:, :lanes]  # [a, T], heaviest first
+        partners = order[:, num_ranks - num_partners :]  # [a, K], lightest ranks
+        a = active.size
+        ar = np.arange(a)[:, None]
+        h_load = rl[ar, heavy]  # [a, T]
+        t = target[active]
+        keep = (h_load[:, 0] > t * (1 + _REL_EPS)) & (moves[active] < max_moves)
+        if not keep.all():
+            active, rl, heavy, partners, h_load, t = (
+                active[keep], rl[keep], heavy[keep], partners[keep], h_load[keep], t[keep]
+            )
+            a = active.size
+            ar = np.arange(a)[:, None]
+            if a == 0:
+                break
+        rows = active[:, None]
+        x_h = load[rows, heavy]  # [a, T, S]
+        x_p = load[rows, partners]  # [a, K, S]
+        p_load = rl[ar, partners]  # [a, K]
+        delta = x_h[:, :, :, None, None] - x_p[:, None, None, :, :]  # [a, T, S, K, S]
+        h5 = h_load[:, :, None, None, None]
+        score = np.maximum(h5 - delta, p_load[:, None, None, :, None] + delta)
+        # Never give a rank a second replica of an expert it holds: that concentrates the
+        # expert's load on one GPU (and is what a pure cost model would call cheapest).
+        e_h = item[rows, heavy]  # [a, T, S]
+        e_p = item[rows, partners]  # [a, K, S]
+        if holdings is not None:
+            held = holdings.held
+            dup_h = held[rows[:, :, None, None], heavy[:, :, None, None], e_p[:, None]] > 0
+            dup_p = held[rows[:, :, None, None], partners[:, None, None, :],
+                         e_h[:, :, :, None]] > 0  # [a, T, S, K]
+            clash = dup_h[:, :, None, :, :] | dup_p[:, :, :, :, None]
+        else:
+            same = e_h[:, :, :, None, None] == e_p[:, None, None, :, :]  # [a, T, S, K, S]
+            clash = same.any(axis=2, keepdims=True) | same.any(axis=4, keepdims=True)
+        helps = (
+            (score < h5 * (1 - _REL_EPS))
+            & (h_load > t[:, None] * (1 + _REL_EPS))[:, :, None, None, None]
+            & ~clash
+        )
+        if costs is None or slot_cost is None:
+            flat = np.where(helps, -score, -np.inf).reshape(a, lanes, -1)
+        else:
+            gain = h5 - np.maximum(score, t[:, None, None, None, None])
+            # Slot (h, i) receives e_p[k, j] and slot (p_k, j) receives e_h[i]: the arrival
+            # costs, less what the two slots cost now. (A write that restores a slot's
+            # expert in service would cost nothing; it is charged as an arrival here.)
+            arr_h = costs.arrival(rows[:, :, None, None], heavy[:, :, None, None],
+                                  e_p[:, None, :, :])  # [a, T, K, S]
+            arr_p = costs.arrival(rows[:, :, None, None], partners[:, None, None, :],
+                                  e_h[:, :, :, None])  # [a, T, S, K]
+            c_h = slot_cost[rows, heavy]  # [a, T, S]
+            c_p = slot_cost[rows, partners]  # [a, K, S]
+            into_h = arr_h - c_p[:, None, :, :]  # [a, T, K, S]
+            into_p = arr_p - c_h[:, :, :, None]  # [a, T, S, K]
+            cost = into_h[:, :, None, :, :] + into_p[:, :, :, :, None]
+            value = gain - COST_WEIGHT * (h5 - t[:, None, None, None, None]) * cost
+            flat = np.where(helps & (gain > 0), value, -np.inf).reshape(a, lanes, -1)
+        best = flat.argmax(axis=2)  # [a, T]
+        ok = np.isfinite(np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0])
+        # A row whose heaviest rank cannot be helped is done.
+        stuck = ~ok[:, 0]
+        i, rest = np.divmod(best, num_partners * per_rank)
+        pk, j = np.divmod(rest, per_rank)
+        used = np.zeros((a, num_partners), dtype=bool)
+        for lane in range(lanes):
+            go = ok[:, lane] & ~used[ar[:, 0], pk[:, lane]] & ~stuck
+            if not go.any():
+                continue
+            used[ar[go, 0], pk[go, lane]] = True
+            r = active[go]
+            h = heavy[go, lane]
+            p = partners[go, pk[go, lane]]
+            self_i, self_j = i[go, lane], j[go, lane]
+            _swap(load, item, rank_load, r, h, self_i, p, self_j, costs, slot_cost, holdings)
+            moves[r] += 1
+            logs["row"].append(r)
+            logs["slot_a"].append(h * per_rank + self_i)
+            logs["slot_b"].append(p * per_rank + self_j)
+            logs["peak"].append(rank_load[r].max(axis=1))
+            if holdings is not None:
+                logs["changed"].append(holdings.changed[r].copy())
+                logs["arrivals"].append(holdings.arrivals[r].copy())
+        active = active[~stuck]
+
+    def cat(name: str, dtype: type) -> npt.NDArray[np.generic]:
+        parts = logs[name]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    log = SwapLog(
+        row=cat("row", np.int64),  # type: ignore[arg-type]
+        slot_a=cat("slot_a", np.int64),  # type: ignore[arg-type]
+        slot_b=cat("slot_b", np.int64),  # type: ignore[arg-type]
+        peak=cat("peak", np.float64),  # type: ignore[arg-type]
+        changed=cat("changed", np.int64),  # type: ignore[arg-type]
+        arrivals=cat("arrivals", np.int64),  # type: ignore[arg-type]
+    )
+    return load, item, log
+
+
+def _swap(
+    load: F64, item: I64, rank_load: F64, rows: I64, ra: I64, ia: I64, rb: I64, ib: I64,
+    costs: SwapCosts | None, slot_cost: F64 | None, holdings: _Holdings | None,
+) -> None:
+    """Swaps slot ``(ra, ia)`` with ``(rb, ib)`` in each of ``rows`` (in place)."""
+    la, lb = load[rows, ra, ia], load[rows, rb, ib]
+    load[rows, ra, ia], load[rows, rb, ib] = lb, la
+    ea, eb = item[rows, ra, ia], item[rows, rb, ib]
+    item[rows, ra, ia], item[rows, rb, ib] = eb, ea
+    rank_load[rows, ra] += lb - la
+    rank_load[rows, rb] += la - lb
+    if costs is None or slot_cost is None or holdings is None:
+        return
+    oa, ob = costs.original[rows, ra, ia], costs.original[rows, rb, ib]
+    slot_cost[rows, ra, ia] = np.where(oa == eb, 0.0, costs.arrival(rows, ra, eb))
+    slot_cost[rows, rb, ib] = np.where(ob == ea, 0.0, costs.arrival(rows, rb, ea))
+    holdings.changed[rows] += (
+        (oa != eb).astype(np.int64) - (oa != ea) + (ob != ea) - (ob != eb)
+    )
+    holdings.move(rows, ra, ea, eb)
+    holdings.move(rows, rb, eb, ea)
+
+
+def balance_pairs(load: F64, item: I64, rounds: int = 8) -> tuple[F64, I64]:
+    """Pairs the i-th heaviest rank with the i-th lightest and makes the best swap in each pair.
+
+    One round moves up to ``R / 2`` items per row at once (the pairs are disjoint), so a few
+    rounds even out a greedy packing far faster than one move at a time. A pair swaps items
+    ``i`` (heavy) and ``j`` (light) when that lowers the heavier of the two; it picks the swap
+    whose load difference ``x_i - x_j`` is nearest half the pair's gap.
+
+    Parameters:
+        load: [X, R, S], item loads (not modified)
+        item: [X, R, S], item ids moved along with the loads (not modified)
+        rounds: passes over all pairs
+
+    Returns:
+        load, item: [X, R, S] each, after the swaps
+    """
+    load = load.copy()
+    item = item.copy()
+    num_rows, num_ranks, per_rank = load.shape
+    half = num_ranks // 2
+    if half == 0 or per_rank < 1 or num_rows == 0:
+        return load, item
+    rows = np.arange(num_rows)[:, None]
+    for _ in range(rounds):
+        rank_load = load.sum(axis=2)  # [X, R]
+        order = np.argsort(rank_load, axis=1)
+        heavy = order[:, ::-1][:, :half]  # [X, H], heaviest first
+        light = order[:, :half]  # [X, H], lightest first
+        gap = rank_load[rows, heavy] - rank_load[rows, light]  # [X, H]
+        x_h = load[rows, heavy]  # [X, H, S]
+        x_l = load[rows, light]
+        delta = x_h[:, :, :, None] - x_l[:, :, None, :]  # [X, H, S, S]
+        # Heavier side after the swap, relative to the light rank's load: max(gap - d, d).
+        after = np.maximum(gap[:, :, None, None] - delta, delta)
+        flat = after.reshape(num_rows, half, -1)
+        best = flat.argmin(axis=2)  # [X, H]
+        best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
+        go = best_after < gap * (1 - _REL_EPS)
+        if not go.any():
+            break
+        r, h = np.nonzero(go)
+        i, j = np.divmod(best[r, h], per_rank)
+        rh, rl = heavy[r, h], light[r, h]
+        lh, ll = load[r, rh, i], load[r, rl, j]
+        load[r, rh, i], load[r, rl, j] = ll, lh
+        eh, el = item[r, rh, i], item[r, rl, j]
+        item[r, rh, i], item[r, rl, j] = el, eh
+    return load, item

@@ -1,0 +1,406 @@
+"""The default (``sticky``) policy: validity, budgets, gating, hierarchy, determinism, balance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eplb_service import workloads
+from eplb_service.balance import evaluate
+from eplb_service.migration import summarize_migration
+from eplb_service.placement import Placement, Topology
+from eplb_service.policy import POLICIES, rebalance_experts
+from eplb_service.policy.sticky import plan
+
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> tuple[np.ndarray, Topology, int]:
+    """A small random load and topology: (weight [L, E], topology, num_groups)."""
+    num_nodes = draw(st.sampled_from([1, 2]))
+    num_ranks = num_nodes * draw(st.integers(1, 3))
+    num_groups = draw(st.sampled_from([1, 2, 4]))
+    num_experts = num_groups * draw(st.integers(1, 4))
+    per_rank = draw(st.integers(1, 4))
+    num_slots = num_ranks * per_rank
+    if num_slots < num_experts:
+        num_slots = num_ranks * -(-num_experts // num_ranks)
+    num_layers = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["counts", "zeros", "skewed", "float"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if kind == "counts":
+        weight = rng.integers(0, 1000, (num_layers, num_experts)).astype(np.float64)
+    elif kind == "zeros":
+        weight = np.zeros((num_layers, num_experts))
+        weight[:, 0] = rng.integers(0, 50)
+    elif kind == "skewed":
+        weight = rng.pareto(1.0, (num_layers, num_experts)) * 100
+    else:
+        weight = rng.random((num_layers, num_experts))
+    topology = Topology(num_layers, num_experts, num_slots, num_ranks, num_nodes)
+    return weight, topology, num_groups
+
+
+def random_placement(topology: Topology, seed: int) -> Placement:
+    """A valid placement: every expert once, the spare slots random, slots shuffled."""
+    rng = np.random.default_rng(seed)
+    t = topology
+    rows = []
+    for _ in range(t.num_layers):
+        row = np.concatenate(
+            [np.arange(t.num_experts), rng.integers(0, t.num_experts, t.num_slots - t.num_experts)]
+        )
+        rows.append(rng.permutation(row))
+    return Placement(np.stack(rows), t)
+
+
+def group_local(placement: Placement, num_groups: int) -> bool:
+    """Whether every expert group's replicas sit on one node, in every layer."""
+    t = placement.topology
+    group = placement.phy2log // (t.num_experts // num_groups)  # [L, P]
+    node = np.arange(t.num_slots) // (t.num_slots // t.num_nodes)
+    for layer in range(t.num_layers):
+        for g in range(num_groups):
+            if np.unique(node[group[layer] == g]).size > 1:
+                return False
+    return True
+
+
+def test_registered_as_default() -> None:
+    assert POLICIES["default"] is POLICIES["sticky"]
+
+
+@SETTINGS
+@given(problems())
+def test_fresh_plan_is_valid(problem: tuple[np.ndarray, Topology, int]) -> None:
+    weight, t, groups = problem
+    phy2log, log2phy, logcnt = rebalance_experts(
+        weight, t.num_slots, groups, t.num_nodes, t.num_ranks, policy="default"
+    )
+    placement = Placement(phy2log, t)  # validates: ranges, every expert >= 1 replica
+    assert phy2log.shape == (t.num_layers, t.num_slots)  # so exactly S slots per rank
+    np.testing.assert_array_equal(logcnt, placement.logcnt)
+    np.testing.assert_array_equal(log2phy, placement.log2phy)
+    assert (logcnt.sum(axis=1) == t.num_slots).all()
+
+
+@SETTINGS
+@given(problems(), st.integers(0, 2**16), st.sampled_from(["auto", "global", "hierarchical"]))
+def test_plan_from_current_is_valid(
+    problem: tuple[np.ndarray, Topology, int], seed: int, strategy: str
+) -> None:
+    weight, t, groups = problem
+    if strategy == "hierarchical" and groups % t.num_nodes:
+        strategy = "global"
+    current = random_placement(t, seed)
+    result = plan(weight, t, num_groups=groups, current=current, strategy=strategy)
+    Placement(result.placement.phy2log, t)
+    if result.strategy == "hierarchical" and result.changed:
+        assert group_local(result.placement, groups)
+
+
+@SETTINGS
+@given(problems(), st.integers(0, 2**16), st.integers(0, 12), st.booleans())
+def test_budgets_are_never_exceeded(
+    problem: tuple[np.ndarray, Topology, int], seed: int, limit: int, by_bytes: bool
+) -> None:
+    weight, t, groups = problem
+    current = random_placement(t, seed)
+    expert_bytes = 1000
+    options = {"max_bytes": limit * expert_bytes} if by_bytes else {"max_moves": limit}
+    result = plan(
+        weight, t, num_groups=groups, current=current, expert_bytes=expert_bytes, **options
+    )
+    moved = summarize_migration(current, result.placement, expert_bytes)
+    if by_bytes:
+        assert moved.bytes_moved is not None and moved.bytes_moved <= limit * expert_bytes
+    else:
+        assert moved.slots_changed <= limit
+    Placement(result.placement.phy2log, t)
+
+
+def test_budget_keeps_the_best_moves_first() -> None:
+    t = Topology(8, 64, 80, 8, 2)
+    weight = workloads.hot(8, 64, 1, tokens=200_000)
+    current = Placement.identity(t)
+    full = plan(weight, t, current=current)
+    capped = plan(weight, t, current=current, max_moves=20)
+    assert capped.migration is not None and capped.migration.slots_changed <= 20
+    assert capped.reason is not None and "budget" in capped.reason
+    # The best moves come first: more gain per rewrite than the whole plan.
+    assert full.migration is not None and capped.gain > 0
+    assert (capped.gain / capped.migration.slots_changed
+            > 2 * full.gain / full.migration.slots_changed)
+
+
+@SETTINGS
+@given(problems(), st.floats(1e-4, 0.5))
+def test_min_gain_keeps_a_plan_of_the_same_load(
+    problem: tuple[np.ndarray, Topology, int], min_gain: float
+) -> None:
+    weight, t, groups = problem
+    first = plan(weight, t, num_groups=groups)
+    again = plan(weight, t, num_groups=groups, current=first.placement, min_gain=min_gain)
+    assert not again.changed
+    assert again.placement == first.placement
+    assert again.reason
+    assert again.migration is not None and again.migration.slots_changed == 0
+
+
+def test_min_gain_says_why() -> None:
+    t = Topology(4, 32, 40, 8, 2)
+    weight = workloads.zipf(4, 32, 3, tokens=100_000)
+    current = Placement.identity(t)
+    gain = plan(weight, t, current=current).gain
+    assert gain > 0.01
+    gated = plan(weight, t, current=current, min_gain=gain + 0.01)
+    assert not gated.changed and gated.placement == current
+    assert gated.reason is not None and "min_gain" in gated.reason
+    assert plan(weight, t, current=current, min_gain=gain / 2).changed
+
+
+@SETTINGS
+@given(problems())
+def test_hierarchical_keeps_groups_on_one_node(
+    problem: tuple[np.ndarray, Topology, int],
+) -> None:
+    weight, t, groups = problem
+    if groups % t.num_nodes:
+        with pytest.raises(ValueError, match="hierarchical"):
+            plan(weight, t, num_groups=groups, strategy="hierarchical")
+        return
+    result = plan(weight, t, num_groups=groups, strategy="hierarchical")
+    assert group_local(result.placement, groups)
+    # From a group-local current the migration-aware plan stays group-local too.
+    nxt = plan(weight * 1.5 + 7, t, num_groups=groups, strategy="hierarchical",
+               current=result.placement)
+    assert group_local(nxt.placement, groups)
+
+
+def test_auto_strategy_reports_its_choice() -> None:
+    t = Topology(6, 64, 80, 8, 2)
+    uniform = workloads.uniform(6, 64, 0, tokens=500_000)
+    result = plan(uniform, t, num_groups=4)
+    assert result.strategy == "hierarchical" and "%" in result.strategy_reason
+    skewed = workloads.zipf(6, 64, 0, exponent=1.5, tokens=500_000)
+    result = plan(skewed, t, num_groups=4)
+    assert result.strategy in ("hierarchical", "global") and result.strategy_reason
+    assert plan(uniform, t, num_groups=1).strategy == "global"
+
+
+@SETTINGS
+@given(problems(), st.integers(0, 2**16))
+def test_deterministic(problem: tuple[np.ndarray, Topology, int], seed: int) -> None:
+    weight, t, groups = problem
+    current = random_placement(t, seed)
+    a = plan(weight, t, num_groups=groups, current=current, max_moves=5)
+    b = plan(weight.copy(), t, num_groups=groups, current=current, max_moves=5)
+    assert a.placement == b.placement
+    c = rebalance_experts(weight, t.num_slots, groups, t.num_nodes, t.num_ranks, policy="default")
+    d = rebalance_experts(weight, t.num_slots, groups, t.num_nodes, t.num_ranks, policy="default")
+    np.testing.assert_array_equal(c[0], d[0])
+
+
+CONFIGS = [  # (L, E, P, R, N, G): scaled-down shapes of the benchmark configs
+    (6, 64, 72, 8, 2, 1),
+    (6, 64, 80, 16, 2, 1),
+    (6, 64, 96, 48, 6, 1),
+    (6, 32, 36, 4, 1, 1),
+    (6, 8, 16, 8, 1, 1),
+    (6, 64, 72, 8, 2, 4),
+]
+LOADS = {
+    "zipf 1.0": lambda L, E, s: workloads.zipf(L, E, s, tokens=300_000),
+    "zipf 1.5": lambda L, E, s: workloads.zipf(L, E, s, exponent=1.5, tokens=300_000),
+    "lognormal": lambda L, E, s: workloads.lognormal(L, E, s, tokens=300_000),
+    "hot": lambda L, E, s: workloads.hot(L, E, s, tokens=300_000),
+    "uniform": lambda L, E, s: workloads.uniform(L, E, s, tokens=300_000),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("kind", sorted(LOADS))
+def test_fresh_balance_at_least_deepseek(config: tuple[int, ...], kind: str) -> None:
+    num_layers, num_experts, num_slots, num_ranks, num_nodes, num_groups = config
+    t = Topology(num_layers, num_experts, num_slots, num_ranks, num_nodes)
+    weight = LOADS[kind](num_layers, num_experts, 11)
+    ours, _, _ = rebalance_experts(weight, num_slots, num_groups, num_nodes, num_ranks,
+                                   policy="default")
+    ref, _, _ = rebalance_experts(weight, num_slots, num_groups, num_nodes, num_ranks,
+                                  policy="deepseek")
+    mine = evaluate(weight, Placement(ours, t))
+    theirs = evaluate(weight, Placement(ref, t))
+    assert mine.balancedness_mean >= theirs.balancedness_mean - 1e-9
+    assert mine.balancedness_worst >= theirs.balancedness_worst - 0.02
+
+
+def test_noise_only_sequence_moves_little() -> None:
+    t = Topology(8, 64, 72, 8, 2)
+    windows = workloads.noise_sequence(8, 64, 5, num_windows=4, tokens=400_000)
+    current = plan(windows[0], t).placement
+    for load in windows[1:]:
+        result = plan(load, t, current=current)
+        moved = summarize_migration(current, result.placement)
+        assert moved.fraction_changed <= 0.05
+        current = result.placement
+
+
+def test_torch_in_torch_out() -> None:
+    torch = pytest.importorskip("torch")
+    weight = torch.from_numpy(workloads.zipf(3, 16, 0, tokens=10_000).astype(np.float32))
+    phy2log, log2phy, logcnt = rebalance_experts(weight, 20, 4, 2, 4, policy="default")
+    assert all(isinstance(x, torch.Tensor) for x in (phy2log, log2phy, logcnt))
+    assert phy2log.dtype == torch.int64 and tuple(phy2log.shape) == (3, 20)
+    again, _, _ = rebalance_experts(weight * 1.1, 20, 4, 2, 4, policy="default", current=phy2log)
+    assert isinstance(again, torch.Tensor)
+    Placement(again.numpy(), Topology(3, 16, 20, 4, 2))
+
+
+def test_result_serializes() -> None:
+    t = Topology(2, 16, 20, 4, 2)
+    weight = workloads.zipf(2, 16, 0, tokens=10_000)
+    result = plan(weight, t, num_groups=4, current=Placement.identity(t), expert_bytes=10)
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert doc["changed"] is True and doc["strategy"] in ("global", "hierarchical")
+    assert doc["migration"]["bytes_moved"] == result.migration.bytes_moved  # type: ignore[union-attr]
+    fresh = plan(weight, t)
+    assert fresh.changed and fresh.before is None and fresh.migration is None
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"strategy": "nodes"}, "strategy"),
+        ({"max_bytes": 10}, "expert_bytes"),
+        ({"max_moves": -1}, "max_moves"),
+        ({"tolerance": -0.1}, "tolerance"),
+    ],
+)
+def test_bad_options(options: dict[str, object], match: str) -> None:
+    t = Topology(1, 4, 4, 2, 1)
+    with pytest.raises(ValueError, match=match):
+        plan(np.ones((1, 4)), t, current=Placement.identity(t), **options)  # type: ignore[arg-type]
+
+
+def test_budget_needs_current() -> None:
+    with pytest.raises(ValueError, match="current"):
+        plan(np.ones((1, 4)), Topology(1, 4, 4, 2, 1), max_moves=3)
+
+
+# --- eplb plan with the default policy ---------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from eplb_service.cli import main
+
+    try:
+        code = main(["plan", *argv])
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cli_files(tmp_path: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
+    weight = workloads.hot(4, 32, 2, tokens=100_000)
+    t = Topology(4, 32, 40, 8, 2)
+    load = tmp_path / "load.npy"  # type: ignore[operator]
+    cur = tmp_path / "cur.npy"  # type: ignore[operator]
+    np.save(load, weight)
+    np.save(cur, Placement.identity(t).phy2log)
+    sizes = ["--num-slots", "40", "--num-ranks", "8", "--num-nodes", "2", "--num-groups", "4"]
+    return str(load), str(cur), sizes
+
+
+def test_cli_default_policy_budget_and_gate(
+    capsys: pytest.CaptureFixture[str], cli_files: tuple[str, str, list[str]]
+) -> None:
+    load, cur, sizes = cli_files
+    code, out, err = _cli(capsys, "--load", load, "--current", cur, *sizes, "--max-moves", "10",
+                          "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["policy"] == "default" and report["changed"] is True
+    assert report["migration"]["slots_changed"] <= 10
+    assert report["strategy"] in ("global", "hierarchical") and report["strategy_reason"]
+    code, out, err = _cli(capsys, "--load", load, "--current", cur, *sizes, "--min-gain", "0.9")
+    assert code == 0, err
+    assert "no change: predicted gain" in out and "0/160 slots rewritten" in out
+    code, out, err = _cli(capsys, "--load", load, "--current", cur, *sizes,
+                          "--strategy", "global", "--json")
+    assert code == 0 and json.loads(out)["strategy"] == "global"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--max-moves", "3"], "need --current"),
+        (["--current", "{cur}", "--max-moves", "3", "--policy", "deepseek"], "does not take"),
+        (["--current", "{cur}", "--max-bytes", "3"], "expert_bytes"),
+        (["--current", "{cur}", "--min-gain", "-1"], "must be >= 0"),
+        (["--num-groups", "3", "--strategy", "hierarchical"], "num_groups|--num-groups"),
+    ],
+)
+def test_cli_bad_migration_options(
+    capsys: pytest.CaptureFixture[str],
+    cli_files: tuple[str, str, list[str]],
+    extra: list[str],
+    match: str,
+) -> None:
+    import re
+
+    load, cur, sizes = cli_files
+    argv = ["--load", load, *sizes, *[a.replace("{cur}", cur) for a in extra]]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+
+
+# --- bounds and the exact two-slot optimum ----------------------------------------------------
+
+
+def test_slot_bound_proves_the_plain_bound_unreachable() -> None:
+    from eplb_service.balance import lower_bound
+    from eplb_service.policy.bounds import slot_lower_bound
+
+    # 14 equal experts, 16 slots on 8 ranks of two: 12 whole experts leave 4 ranks with two.
+    weight = np.ones((1, 14))
+    t = Topology(1, 14, 16, 8, 1)
+    plain = lower_bound(weight, 16, 8)[0]
+    result = plan(weight, t)
+    peak = float(
+        (weight[0] / result.placement.logcnt[0])[result.placement.phy2log[0]]
+        .reshape(8, 2).sum(axis=1).max()
+    )
+    bound = slot_lower_bound(weight, 16, 8, np.array([peak]))[0]
+    assert plain == pytest.approx(1.75)
+    assert bound == pytest.approx(2.0, rel=1e-5) and peak == pytest.approx(2.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 4), st.integers(0, 2**16))
+def test_two_slots_per_rank_is_optimal(num_experts: int, seed: int) -> None:
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    num_ranks = num_experts
+    num_slots = 2 * num_ranks
+    weight = rng.integers(1, 100, (1, num_experts)).astype(np.float64)
+    result = plan(weight, Topology(1, num_experts, num_slots, num_ranks, 1))
+    loads = (weight[0] / result.placement.logcnt[0])[result.placement.phy2log[0]]
+    ours = loads.reshape(num_ranks, 2).sum(axis=1).max()
+    best = np.inf
+    for row in itertools.product(range(num_experts), repeat=num_slots):
+        counts = np.bincount(row, minlength=num_experts)
+        if counts.min() == 0:
+            continue
+        best = min(best, (weight[0] / counts)[list(row)].reshape(num_ranks, 2).sum(1).max())
+    assert ours == pytest.approx(best)
