@@ -15,7 +15,9 @@ Then the snapshot: host cost of ``Snapshotter.capture`` on a ``[58, 288]`` int64
 forward-stream cost (the D2D cut), the D2H latency on the side stream, and an overlap test: a
 chain of bf16 matmuls with a capture in the middle, against the same chain without.
 
-Usage: ``python benchmarks/recording.py [--sweep] [--markdown PATH] [--json PATH]``
+Usage: ``python benchmarks/recording.py [--sweep [--sweep-only]] [--markdown PATH] [--json PATH]``
+(``--sweep``: time the candidate launch configurations of ``SWEEP`` first, counting on and off,
+each checked against the fallback).
 """
 
 from __future__ import annotations
@@ -157,8 +159,33 @@ def bench_map(args, slots: int) -> list[dict]:
     return rows
 
 
-def sweep_blocks(args, slots: int) -> list[dict]:
-    """Sweep of the Triton kernel's (BLOCK, num_warps, counting scheme), to tune launch_config."""
+# Candidate launch configurations of the sweep, per token count (top-8): "MODE BLOCK/WARPS eN",
+# MODE D (one RED per pair) or H (split histogram, one RED per program and slot), N replica
+# slots read together with the count.
+SWEEP = {
+    1: "D32/1e3 D64/2e3 D32/1e1 D32/1e0",
+    16: "D32/1e3 D64/2e3 D32/1e0",
+    128: "D64/2e3 D32/1e3 D64/2e0 H64/2e3",
+    512: "H64/2e3 H32/1e3 H128/4e3 H128/2e3 H256/8e3 H64/2e1 H64/2e0 D64/2e3",
+    2048: "H256/8e3 H256/4e3 H256/4e0 H512/8e3 H128/4e3",
+    8192: "H512/8e3 H512/4e3 H512/16e3 H1024/16e3 H256/8e3",
+    32768: "H2048/16e3 H1024/8e3 H1024/16e3 H4096/16e3 H512/8e3",
+}
+_MODES = {"D": 0, "H": 1}
+
+
+def parse_config(text: str):
+    from worker_agent.recording import _triton
+
+    mode, rest = text[0], text[1:]
+    shape, eager = rest.split("e")
+    block, warps = (int(v) for v in shape.split("/"))
+    return _triton.LaunchConfig(block, warps, _MODES[mode], int(eager))
+
+
+def sweep_configs(args, slots: int) -> list[dict]:
+    """Time each candidate configuration of ``SWEEP`` (counting on and off) and check it against
+    the fallback; print them best first."""
     from worker_agent.recording import _triton
 
     layers, experts, top_k = args.layers, args.experts, args.top_k
@@ -167,85 +194,49 @@ def sweep_blocks(args, slots: int) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     for tokens in args.tokens:
+        if tokens not in SWEEP:
+            continue
         topk = make_topk(layers, tokens, experts, top_k, seed=tokens)
         n = tokens * top_k
-        results: dict[str, float] = {}
-        c32 = torch.zeros(rec.counters.shape, dtype=torch.int32, device="cuda")
-        for block in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            if block > 2 * max(n, 32) or block * 512 < n:
-                continue
-            for warps in sorted({max(1, min(16, block // d)) for d in (256, 128, 64, 32)}):
-                modes = ["h", "r"] if n <= 8192 else ["h"]
-                if block in (64, 512, 1024) and warps == _triton._warps(block):
-                    modes.append("h32")
-                for mode in modes:
+        results: dict[str, tuple[float, float]] = {}
+        bad = []
+        for text in SWEEP[tokens].split():
+            cfg = parse_config(text)
 
-                    def call(i: int, t=topk, b=block, w=warps, m=mode, c32=c32) -> torch.Tensor:
-                        return _triton.map_and_record_triton(
-                            t[i],
-                            view.replica_table,
-                            c32 if m == "h32" else rec.counters,
-                            rec.flag,
-                            i,
-                            block=b,
-                            num_warps=w,
-                            direct=m == "r",
-                        )
+            def call(i: int, t=topk, c=cfg) -> torch.Tensor:
+                return _triton.map_and_record_triton(
+                    t[i], view.replica_table, rec.counters, rec.flag, i, config=c
+                )
 
-                    _, us = graph_us_per_call(call, layers, replays=10)
-                    results[f"{block}/{warps}{mode}"] = us
-        best = min(results, key=lambda k: results[k])
-        chosen = _triton.launch_config(n, sms)
+            # correctness on one layer against the fallback, on fresh counters
+            c_tri = torch.zeros_like(rec.counters)
+            c_ref = torch.zeros_like(rec.counters)
+            o_tri = _triton.map_and_record_triton(
+                topk[3], view.replica_table, c_tri, rec.flag, 3, config=cfg
+            )
+            o_ref = map_and_record_torch(topk[3], view.replica_table, c_ref, rec.flag, 3)
+            if not (torch.equal(o_tri, o_ref) and torch.equal(c_tri, c_ref)):
+                bad.append(text)
+            rec.enabled(True)
+            graph, on = graph_us_per_call(call, layers, replays=20)
+            rec.enabled(False)
+            off = time_graph(graph, layers, replays=20)
+            rec.enabled(True)
+            del graph
+            results[text] = (on, off)
+        best = min(results, key=lambda k: results[k][0])
         print(
-            f"sweep P={slots} T={tokens:6d}: best {best} {results[best]:.2f}us; "
-            f"launch_config {chosen}; "
-            + " ".join(f"{k}:{v:.2f}" for k, v in sorted(results.items(), key=lambda kv: kv[1])),
+            f"sweep P={slots} T={tokens:6d} n={n}: best {best} {results[best][0]:.2f}us; "
+            f"launch_config {tuple(_triton.launch_config(n, sms))}; WRONG {bad}; "
+            + " ".join(
+                f"{k}:{v[0]:.2f}/{v[1]:.2f}"
+                for k, v in sorted(results.items(), key=lambda kv: kv[1][0])
+            ),
             flush=True,
         )
-        out.append({"tokens": tokens, "us": results, "best": best, "chosen": list(chosen)})
+        out.append({"P": slots, "tokens": tokens, "us_on_off": results, "best": best, "wrong": bad})
+        del topk
     return out
-
-
-def kernel_asm_summary(out_dir: Path | None) -> None:
-    """Which atomics the compiled kernel uses (ATOM waits for a result, RED does not)."""
-    from worker_agent.recording import _triton
-
-    view = PlacementView(make_placement(2, 256, 288), 256, device="cuda")
-    rec = ExpertLoadRecorder(view)
-    ids = make_topk(1, 512, 256, 8)[0]
-    for direct in (False, True):
-        name = "direct" if direct else "hist"
-        kernel = _triton._map_and_record_kernel[(1,)](
-            ids,
-            torch.empty_like(ids),
-            view.replica_table,
-            rec.counters,
-            rec.flag,
-            ids.numel(),
-            0,
-            256,
-            288,
-            view.replica_table.shape[2],
-            TOP_K=8,
-            SEED_BLOCK=8,
-            BLOCK=64,
-            NUM_BINS=512,
-            DIRECT=direct,
-            num_warps=2,
-        )
-        ptx = kernel.asm.get("ptx", "")
-        try:
-            sass = kernel.asm["sass"]
-        except Exception as exc:  # sass needs nvdisasm
-            sass = f"unavailable: {exc}"
-        print(
-            f"asm {name}: ptx atom {ptx.count('atom.')} red {ptx.count('red.')}; "
-            f"sass ATOM {sass.count('ATOM')} RED {sass.count('RED')} "
-            f"regs {getattr(kernel, 'n_regs', '?')} spills {getattr(kernel, 'n_spills', '?')}",
-            flush=True,
-        )
-        if out_dir is not None:
-            (out_dir / f"kernel_{name}.sass").write_text(sass)
 
 
 def bench_snapshot(args) -> dict:
@@ -368,7 +359,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--sweep", action="store_true", help="also sweep Triton block sizes")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     parser.add_argument("--no-snapshot", action="store_true")
     parser.add_argument("--markdown", type=Path, help="write the markdown table here")
     parser.add_argument("--json", type=Path, help="write all figures here")
@@ -377,9 +369,11 @@ def main() -> None:
         raise SystemExit("needs CUDA")
     device = torch.cuda.get_device_name(0)
     print(f"device {device}, torch {torch.__version__}", flush=True)
-    if args.sweep:
-        kernel_asm_summary(args.json.parent if args.json else None)
-    sweep = {p: sweep_blocks(args, p) for p in args.slots[:1]} if args.sweep else {}
+    sweep = {p: sweep_configs(args, p) for p in args.slots} if args.sweep else {}
+    if args.sweep_only:
+        if args.json:
+            args.json.write_text(json.dumps({"sweep": sweep}, indent=1))
+        return
     rows = [row for p in args.slots for row in bench_map(args, p)]
     snap = None if args.no_snapshot else bench_snapshot(args)
     text = markdown(rows, snap, device)

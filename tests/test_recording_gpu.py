@@ -58,7 +58,7 @@ CASES = [
     (2, 256, 288, 2048, 8, torch.int64),
     (2, 256, 320, 8192, 8, torch.int64),
     (2, 256, 320, 32768, 8, torch.int32),
-    (2, 128, 256, 3000, 16, torch.int64),  # P a power of two: spare bin needs 512 bins
+    (2, 128, 256, 3000, 16, torch.int64),  # P a power of two: one bin range
     (2, 160, 160, 999, 9, torch.int32),
     (2, 32, 64, 100000, 2, torch.int64),
     (2, 512, 600, 777, 16, torch.int64),
@@ -84,28 +84,46 @@ def test_triton_equals_fallback_bit_for_bit(case, enabled):
     assert int((c_tri - start).sum()) == enabled * int((ids >= 0).sum())
 
 
-@pytest.mark.parametrize("direct", [False, True])
-@pytest.mark.parametrize("block", [16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
-def test_every_block_size(block, direct):
+def _config_cases():
+    cases = []
+    for mode in (0, 1):
+        for block in (16, 32, 64, 256, 512, 4096):
+            for eager in (0, 1, 3):
+                cases.append((block, mode, eager, 288))
+            cases.append((block, mode, 3, 600))  # 512 + 128 bins
+            cases.append((block, mode, 3, 256))  # one bin range
+    return cases
+
+
+@pytest.mark.parametrize("case", _config_cases(), ids=lambda c: "B{}m{}e{}P{}".format(*c))
+def test_every_launch_config(case):
+    """Every block size, counting mode and number of eagerly read replicas; the pareto placement
+    gives hot experts many replicas, so the dependent read of far replicas is exercised too."""
+    block, mode, eager, slots = case
+    tri = _triton()
+    experts = 128 if slots == 256 else 256
     view = PlacementView(
-        random_placement(np.random.default_rng(1), 2, 256, 288), 256, device="cuda"
+        random_placement(np.random.default_rng(1), 2, experts, slots), experts, device="cuda"
     )
-    ids = random_topk(1000, 256, 8, torch.int64, invalid=0.01, seed=block)
-    c_tri = torch.zeros(2, 288, dtype=torch.int64, device="cuda")
+    ids = random_topk(1000, experts, 8, torch.int64, invalid=0.01, seed=block)
+    c_tri = torch.randint(0, 2**40, (2, slots), device="cuda")
     c_ref = c_tri.clone()
     flag = torch.ones(1, dtype=torch.int32, device="cuda")
-    out = _triton().map_and_record_triton(
-        ids, view.replica_table, c_tri, flag, 1, block=block, direct=direct
-    )
+    cfg = tri.LaunchConfig(block, max(1, min(16, block // 64)), mode, eager)
+    out = tri.map_and_record_triton(ids, view.replica_table, c_tri, flag, 1, config=cfg)
     assert torch.equal(out, map_and_record_torch(ids, view.replica_table, c_ref, flag, 1))
     assert torch.equal(c_tri, c_ref)
 
 
 def test_launch_config_covers_sizes():
-    launch_config = _triton().launch_config
-    for n in (1, 7, 8, 100, 4096, 10**6):
-        block, warps, direct = launch_config(n, 132)
-        assert block & (block - 1) == 0 and 1 <= warps <= 16 and isinstance(direct, bool)
+    tri = _triton()
+    for n in (1, 7, 8, 100, 1024, 1025, 4096, 65536, 262144, 10**6):
+        cfg = tri.launch_config(n, 132)
+        assert cfg.block & (cfg.block - 1) == 0 and 1 <= cfg.num_warps <= 16
+        assert cfg.mode in (tri.COUNT_DIRECT, tri.COUNT_HIST) and cfg.eager in (0, 1, 3)
+    assert tri.split_bins(288) == (256, 32) and tri.split_bins(256) == (256, 0)
+    assert tri.split_bins(600) == (512, 128) and tri.split_bins(260) == (256, 32)
+    assert tri.split_bins(20) == (32, 0) and tri.split_bins(33) == (32, 32)
 
 
 def test_empty_and_record_counts():

@@ -1,31 +1,106 @@
 """Triton kernels of the recorder. Imported lazily: importing this module imports Triton.
 
-``map_and_record``: one launch maps logical expert ids to physical slots and counts them. Each
-program maps ``BLOCK`` (token, k) pairs and counts its slots with a histogram in shared memory
-(``tl.histogram``: warp ballots, then shared-memory atomics across warps), then adds it to the
-global counters with one relaxed atomic (a fire-and-forget ``RED``) per (program, non-empty
-slot). Small inputs (up to 128 tokens at top-8: in blocks of 64 pairs nearly every pair has
-its own slot, nothing to merge) skip the histogram and add one ``RED`` per pair. A device-side
-flag skips the counting entirely; the mapping is always done.
+``map_and_record`` maps logical expert ids to physical slots and counts them in one launch.
+Shapes: ``topk_ids [T, K]`` (int32 or int64) -> ``out [T, K]`` int64; ``replica_table [L, E, W]``
+int32 with ``W = 2 + P - E`` (``[count, replica slots...]`` per expert); ``counters [L, P]`` int64.
+Each program maps ``BLOCK`` consecutive (token, k) pairs (flat index ``i``, token ``i // K``):
+
+1. Reads: its ids, token 0's ids (the rotation ``s``), the device flag; then, for each pair, the
+   count and the first ``EAGER`` replica slots of its expert's table row in one batch.
+2. Replica ``(t + s) % count``; the slot comes from the batch, or from one more (dependent) read
+   when the replica index is ``>= EAGER``. The int64 ids are stored.
+3. Counting, when the flag is set. ``COUNT_DIRECT``: one relaxed ``RED`` per pair (small inputs,
+   where a block has almost no repeated slot). ``COUNT_HIST``: a shared-memory histogram
+   (``tl.histogram``: warp ballots, then shared-memory atomics across warps) over two
+   power-of-two bin ranges that cover ``P`` (288 = 256 + 32: nine bins per lane instead of the
+   sixteen of a 512-bin histogram), then one ``RED`` per (program, non-empty slot).
+
+All index arithmetic is int32 (``PlacementView``/``ExpertLoadRecorder`` check that the table and
+the counters fit); only the ids' range check and the stored slots are 64-bit.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_config", "map_and_record_triton", "record_counts_triton"]
+__all__ = ["LaunchConfig", "launch_config", "map_and_record_triton", "record_counts_triton"]
+
+COUNT_DIRECT = 0  # one RED per valid pair
+COUNT_HIST = 1  # split shared-memory histogram, one RED per (program, non-empty slot)
+
+
+class LaunchConfig(NamedTuple):
+    """One launch of ``_map_and_record_kernel``."""
+
+    block: int  # (token, k) pairs per program, a power of two
+    num_warps: int
+    mode: int  # COUNT_DIRECT or COUNT_HIST
+    eager: int  # replica slots read together with the count: 0, 1 or 3
 
 
 @triton.jit
+def _seed(ids_ptr, num_experts, TOP_K: tl.constexpr, SEED_BLOCK: tl.constexpr):
+    # per-call rotation: sum of token 0's valid ids (the same in every program)
+    kk = tl.arange(0, SEED_BLOCK)
+    first = tl.load(ids_ptr + kk, mask=kk < TOP_K, other=0)
+    first = tl.where((first >= 0) & (first < num_experts), first, 0).to(tl.int32)
+    return tl.sum(first, axis=0)
+
+
+@triton.jit
+def _map_ids(
+    raw, token, seed, table_ptr, layer, num_experts, table_width, zero, EAGER: tl.constexpr
+):
+    """Logical ids ``raw`` -> ``(valid, slot)``, int32 slots, -1 where invalid."""
+    valid = (raw >= 0) & (raw < num_experts)
+    expert = tl.where(valid, raw, 0).to(tl.int32)
+    entry = table_ptr + (layer * num_experts + expert) * table_width
+    cnt = tl.load(entry, mask=valid, other=1)
+    if EAGER >= 1:
+        r0 = tl.load(entry + 1, mask=valid, other=-1)
+        dep = r0
+        if EAGER >= 3:
+            r1 = tl.load(entry + 2, mask=valid & (table_width > 2), other=-1)
+            r2 = tl.load(entry + 3, mask=valid & (table_width > 3), other=-1)
+            dep = dep | r1 | r2
+        # `zero` is a run-time 0: the division below now waits on these reads, so ptxas issues
+        # them together with the count's read instead of after the division (a round trip)
+        cnt = cnt | (dep & zero)
+    replica = (token + seed) % cnt
+    if EAGER >= 1:
+        slot = r0
+        if EAGER >= 3:
+            slot = tl.where(replica == 1, r1, slot)
+            slot = tl.where(replica == 2, r2, slot)
+        far = valid & (replica >= EAGER)
+        slot = tl.where(far, tl.load(entry + 1 + replica, mask=far, other=-1), slot)
+    else:
+        slot = tl.load(entry + 1 + replica, mask=valid, other=-1)
+    return valid, slot
+
+
+@triton.jit
+def _flush(base, hist, first, NBINS: tl.constexpr, num_slots):
+    # one RED per non-empty bin; bins past the last slot are always empty
+    bins = first + tl.arange(0, NBINS)
+    tl.atomic_add(
+        base + bins, hist.to(tl.int64), mask=(hist > 0) & (bins < num_slots), sem="relaxed"
+    )
+
+
+@triton.jit(do_not_specialize=["layer", "zero"])
 def _map_and_record_kernel(
     ids_ptr,  # [T*K] int32 or int64, logical expert ids
     out_ptr,  # [T*K] int64, physical slot ids (-1 for invalid ids)
     table_ptr,  # [L, E, W] int32: [count, replica slots...] per expert
     counters_ptr,  # [L, P] int64
     flag_ptr,  # [1] int32, counting on when != 0
-    n,
+    zero,  # 0, passed at run time (see _map_ids)
+    n,  # T*K
     layer,
     num_experts,
     num_slots,
@@ -33,40 +108,32 @@ def _map_and_record_kernel(
     TOP_K: tl.constexpr,
     SEED_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
-    NUM_BINS: tl.constexpr,
-    DIRECT: tl.constexpr,
+    BINS_LO: tl.constexpr,  # bins [0, BINS_LO): largest power of two <= P (>= 32)
+    BINS_HI: tl.constexpr,  # bins [BINS_LO, BINS_LO + BINS_HI); 0 if the first range covers P
+    COUNT: tl.constexpr,
+    EAGER: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n
-    raw = tl.load(ids_ptr + offs, mask=in_range, other=-1)
     flag = tl.load(flag_ptr)
-    # per-call rotation: sum of token 0's valid ids (same in every program)
-    kk = tl.arange(0, SEED_BLOCK)
-    first = tl.load(ids_ptr + kk, mask=kk < TOP_K, other=0)
-    first = tl.where((first >= 0) & (first < num_experts), first, 0).to(tl.int32)
-    seed = tl.sum(first, axis=0)
-    valid = in_range & (raw >= 0) & (raw < num_experts)
-    expert = tl.where(valid, raw, 0).to(tl.int32)
-    row = (layer * num_experts + expert) * table_width
-    cnt = tl.load(table_ptr + row, mask=valid, other=1)
-    replica = (offs // TOP_K + seed) % cnt
-    phys = tl.load(table_ptr + row + 1 + replica, mask=valid, other=-1)  # same line as cnt, mostly
-    tl.store(out_ptr + offs, phys.to(tl.int64), mask=in_range)
+    # `flag & zero` (= 0) makes the address math wait on the flag: it is read with the ids
+    # rather than last, after the table reads
+    raw = tl.load(ids_ptr + offs, mask=in_range, other=-1) | (flag & zero)
+    seed = _seed(ids_ptr, num_experts, TOP_K, SEED_BLOCK)
+    valid, slot = _map_ids(
+        raw, offs // TOP_K, seed, table_ptr, layer, num_experts, table_width, zero, EAGER
+    )
+    tl.store(out_ptr + offs, slot.to(tl.int64), mask=in_range)
     if flag != 0:
         base = counters_ptr + layer * num_slots
-        if DIRECT:
-            # blocks far smaller than P: nearly every pair has its own slot, so a histogram
-            # could not merge atomics; one RED per pair skips its fixed 512-bin cost
-            tl.atomic_add(base + phys, tl.full([BLOCK], 1, tl.int64), mask=valid, sem="relaxed")
+        if COUNT == 0:
+            tl.atomic_add(base + slot, tl.full([BLOCK], 1, tl.int64), mask=valid, sem="relaxed")
         else:
-            # shared-memory histogram; invalid ids and out-of-range lanes go to the spare bin
-            # `num_slots` (< NUM_BINS), which is never added
-            hist = tl.histogram(tl.where(valid, phys, num_slots), NUM_BINS)
-            bins = tl.arange(0, NUM_BINS)
-            tl.atomic_add(
-                base + bins, hist.to(tl.int64), mask=(bins < num_slots) & (hist > 0), sem="relaxed"
-            )
+            hist_lo = tl.histogram(slot, BINS_LO, mask=valid & (slot < BINS_LO))
+            _flush(base, hist_lo, 0, BINS_LO, num_slots)
+            if BINS_HI > 0:
+                hist_hi = tl.histogram(slot - BINS_LO, BINS_HI, mask=valid & (slot >= BINS_LO))
+                _flush(base, hist_hi, BINS_LO, BINS_HI, num_slots)
 
 
 @triton.jit
@@ -88,35 +155,42 @@ def _record_counts_kernel(
 
 # Tuned on an H100 (132 SMs) with `benchmarks/recording.py --sweep`; see
 # docs/decisions/0003-recorder-counters.md.
-_DIRECT_MAX_PAIRS = 1024  # up to this many (token, k) pairs: one RED per pair, no histogram
-_WARPS = {32: 1, 64: 2, 128: 4, 256: 4, 512: 4, 1024: 8, 2048: 16, 4096: 16}
+_EAGER = 3  # [count, r0, r1, r2]: one table round trip for experts with up to 3 replicas
 
 
-def _warps(block: int) -> int:
-    return _WARPS.get(block, 8)
+def launch_config(n: int, num_sms: int) -> LaunchConfig:
+    """Launch configuration for ``n`` (token, k) pairs on a GPU with ``num_sms`` SMs.
 
-
-def launch_config(n: int, num_sms: int) -> tuple[int, int, bool]:
-    """``(BLOCK, num_warps, DIRECT)`` for ``n`` (token, k) pairs.
-
-    Up to ``_DIRECT_MAX_PAIRS`` pairs (128 tokens at top-8): programs of 64 pairs that add one
-    fire-and-forget RED per pair. A block of 64 pairs spread over hundreds of slots has almost
-    no repeated slot for a histogram to merge, while the histogram's fixed cost (zeroing and
-    reading back the shared bins, two barriers) is ~0.45 us. Beyond: the shared-memory histogram
-    with one RED per (program, non-empty slot); blocks grow with ``n`` (~64 programs up to ~33K
-    pairs, ~1 per SM beyond) because REDs to one slot serialize in L2 (~15 ns each), so the
-    number of programs bounds the counting time.
+    - ``n <= 1024`` (128 tokens at top-8): direct REDs, 32 pairs per 1-warp program up to 256
+      pairs, then 64 pairs per 2-warp program. A block this small spread over hundreds of slots
+      has almost no repeated slot, and the histogram's latency (~0.3 us) is not worth paying.
+    - beyond: the split histogram with one RED per (program, non-empty slot). At most about one
+      program per SM, since the REDs of all programs funnel into the ``P`` counters of one layer
+      (18 cache lines at P=288) and their number grows with the programs; blocks of 64 pairs at
+      least, and one or two pairs per thread (more warps hide the ballot/popcount latency) until
+      the blocks reach 512 pairs, then 16 warps.
     """
-    if n <= _DIRECT_MAX_PAIRS:
-        return 64, _warps(64), True
+    if n <= 256:
+        return LaunchConfig(32, 1, COUNT_DIRECT, _EAGER)
+    if n <= 1024:
+        return LaunchConfig(64, 2, COUNT_DIRECT, _EAGER)
     per_sm = -(-n // max(num_sms, 1))
     if per_sm <= 64:
-        block = 64
-    elif per_sm <= 256:
-        block = 256
-    else:
-        block = min(triton.next_power_of_2(per_sm), 2048)
-    return block, _warps(block), False
+        return LaunchConfig(64, 2, COUNT_HIST, _EAGER)
+    if per_sm <= 256:
+        return LaunchConfig(256, 8, COUNT_HIST, _EAGER)
+    if per_sm <= 512:
+        return LaunchConfig(512, 8, COUNT_HIST, _EAGER)
+    return LaunchConfig(min(triton.next_power_of_2(per_sm), 4096), 16, COUNT_HIST, _EAGER)
+
+
+def split_bins(num_slots: int) -> tuple[int, int]:
+    """``(BINS_LO, BINS_HI)``: two power-of-two bin ranges covering ``[0, num_slots)``, each of
+    at least 32 bins (one per lane); ``BINS_HI`` is 0 when one range suffices."""
+    if num_slots <= 32:
+        return 32, 0
+    lo = 1 << (num_slots.bit_length() - 1)
+    return lo, (max(32, triton.next_power_of_2(num_slots - lo)) if num_slots > lo else 0)
 
 
 def map_and_record_triton(
@@ -126,44 +200,41 @@ def map_and_record_triton(
     enabled: torch.Tensor,
     layer: int,
     *,
-    block: int | None = None,
-    num_warps: int | None = None,
-    direct: bool | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``map_and_record_torch`` (same arguments, same result). ``block``,
-    ``num_warps`` and ``direct`` override ``launch_config`` (tests, tuning)."""
+    """Triton twin of ``map_and_record_torch`` (same arguments, same result). ``config``
+    overrides ``launch_config`` (tests, tuning)."""
     ids = topk_ids.contiguous()
     out = torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
     n = ids.numel()
     if n == 0:
         return out
     num_slots = counters.shape[1]
-    if block is None:
+    if config is None:
         sms = torch.cuda.get_device_properties(ids.device).multi_processor_count
-        block, warps, use_direct = launch_config(n, sms)
-    else:
-        warps = num_warps if num_warps is not None else _warps(block)
-        use_direct = False
-    if direct is not None:
-        use_direct = direct
-    grid = (triton.cdiv(n, block),)
-    _map_and_record_kernel[grid](
+        config = launch_config(n, sms)
+    bins_lo, bins_hi = split_bins(num_slots)
+    top_k = ids.shape[1]
+    _map_and_record_kernel[(triton.cdiv(n, config.block),)](
         ids,
         out,
         replica_table,
         counters,
         enabled,
+        0,
         n,
         layer,
         replica_table.shape[1],
         num_slots,
         replica_table.shape[2],
-        TOP_K=ids.shape[1],
-        SEED_BLOCK=max(2, triton.next_power_of_2(ids.shape[1])),
-        BLOCK=block,
-        NUM_BINS=triton.next_power_of_2(num_slots + 1),
-        DIRECT=use_direct,
-        num_warps=warps,
+        TOP_K=top_k,
+        SEED_BLOCK=max(2, triton.next_power_of_2(top_k)),
+        BLOCK=config.block,
+        BINS_LO=bins_lo,
+        BINS_HI=bins_hi,
+        COUNT=config.mode,
+        EAGER=config.eager,
+        num_warps=config.num_warps,
     )
     return out
 
