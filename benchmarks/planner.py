@@ -243,6 +243,13 @@ class SequenceRow:
     next_balancedness_mean: float  # mean over plans of balancedness on the next window
     next_balancedness_worst: float  # worst layer over all plans, on the next window
     same_as_reference: bool | None
+    planned_balancedness_mean: float = 0.0  # mean over plans, on the window planned for
+    # Policies taking ``current``: the same policy with current=None on the same windows, and
+    # the relative shortfall of the migration-aware plans (positive: current costs balance).
+    fresh_planned_balancedness_mean: float | None = None
+    fresh_next_balancedness_mean: float | None = None
+    planned_shortfall: float | None = None
+    next_shortfall: float | None = None
 
 
 def run_static(
@@ -322,6 +329,20 @@ def run_sequence(
             for old, new in itertools.pairwise(placements)
         ]
         nexts = [evaluate(windows[k + 1], p) for k, p in enumerate(placements)]
+        planned = _mean([evaluate(windows[k], p).balancedness_mean
+                         for k, p in enumerate(placements)])
+        next_mean = float(np.mean([r.balancedness_mean for r in nexts]))
+        fresh_planned = fresh_next = planned_short = next_short = None
+        if policy.accepts_current:
+            # The same policy from scratch on the same windows (untimed).
+            fresh = [Placement(policy.plan(policy.prepare(w), config, None), topology)
+                     for w in windows[:-1]]
+            fresh_planned = _mean([evaluate(windows[k], p).balancedness_mean
+                                   for k, p in enumerate(fresh)])
+            fresh_next = _mean([evaluate(windows[k + 1], p).balancedness_mean
+                                for k, p in enumerate(fresh)])
+            planned_short = (fresh_planned - planned) / fresh_planned
+            next_short = (fresh_next - next_mean) / fresh_next
         median = statistics.median(times)
         rows.append(
             SequenceRow(
@@ -334,13 +355,18 @@ def run_sequence(
                 rewritten=_mean([m.fraction_changed for m in moves]),
                 cross_node=_mean([m.cross_node_transfers for m in moves]),
                 gb_moved=_mean([(m.bytes_moved or 0) / 1e9 for m in moves]),
-                next_balancedness_mean=float(np.mean([r.balancedness_mean for r in nexts])),
+                next_balancedness_mean=next_mean,
                 next_balancedness_worst=float(min(r.balancedness_worst for r in nexts)),
                 same_as_reference=(
                     all(np.array_equal(a, b) for a, b in zip(plans, ref[0], strict=True))
                     if ref is not None and policy.key == "deepseek"
                     else None
                 ),
+                planned_balancedness_mean=planned,
+                fresh_planned_balancedness_mean=fresh_planned,
+                fresh_next_balancedness_mean=fresh_next,
+                planned_shortfall=planned_short,
+                next_shortfall=next_short,
             )
         )
     return rows
@@ -348,6 +374,12 @@ def run_sequence(
 
 def _yes_no(value: bool | None) -> str:
     return "" if value is None else ("yes" if value else "NO")
+
+
+def _shortfall(row: SequenceRow) -> str:
+    if row.planned_shortfall is None or row.next_shortfall is None:
+        return ""
+    return f"{100 * row.planned_shortfall:+.2f}% / {100 * row.next_shortfall:+.2f}%"
 
 
 def _speedup(value: float | None) -> str:
@@ -395,17 +427,22 @@ def format_markdown(meta: dict[str, Any], static: list[StaticRow], seqs: list[Se
             f"Sequences of {meta['windows']} windows: each plan made from the previous plan "
             "(passed as `current` where the policy takes it), judged on the next window. "
             "`rewritten`, `x-node` (cross-node transfers) and `GB` are means per rebalance; "
-            "`next bal` is the balancedness on the next window (mean; worst layer of all); "
-            "ms is the median over the plans, one run each.",
+            "`planned bal` is the mean balancedness on the window each plan was made for, "
+            "`next bal` on the next window (mean; worst layer of all); for policies taking "
+            "`current`, `vs None` is the relative shortfall of those means against the same "
+            "policy with `current=None` on the same windows (planned / next; negative: "
+            "better); ms is the median over the plans, one run each.",
             "",
             _table(
                 ["config", "workload", "policy", "ms", "ref/this", "rewritten", "x-node", "GB",
-                 "next bal mean", "next bal worst", "= ref"],
+                 "planned bal", "next bal mean", "next bal worst", "vs None planned / next",
+                 "= ref"],
                 [
                     [r.config, r.workload, r.policy, f"{r.time_ms:.1f}", _speedup(r.speedup),
                      f"{100 * r.rewritten:.1f}%", f"{r.cross_node:.0f}", f"{r.gb_moved:.1f}",
+                     f"{r.planned_balancedness_mean:.4f}",
                      f"{r.next_balancedness_mean:.4f}", f"{r.next_balancedness_worst:.4f}",
-                     _yes_no(r.same_as_reference)]
+                     _shortfall(r), _yes_no(r.same_as_reference)]
                     for r in seqs
                 ],
             ),

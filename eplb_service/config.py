@@ -117,6 +117,26 @@ def _parse_str(value: Any) -> str:
     return value
 
 
+def _parse_optional_str(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return _parse_str(value)
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _parse_deployments(value: Any) -> Mapping[str, DeploymentOptions]:
     if isinstance(value, str):
         try:
@@ -155,13 +175,15 @@ def _setting(
     *,
     metavar: str | None = None,
     cli: bool = True,
+    secret: bool = False,
 ) -> Any:
-    """A :class:`Settings` field with its parser and help (``cli=False``: no flag, e.g. secrets)."""
-    metadata = {"help": help, "parse": parse, "metavar": metavar, "cli": cli}
+    """A :class:`Settings` field with its parser and help (``cli=False``: no flag, e.g. secrets;
+    ``secret=True``: also left out of ``repr`` so it never reaches a log line)."""
+    metadata = {"help": help, "parse": parse, "metavar": metavar, "cli": cli and not secret}
     if isinstance(default, Mapping):
         frozen = MappingProxyType(dict(default))
         return field(default_factory=lambda: frozen, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -205,7 +227,7 @@ class Settings:
     )
     # Planning and rollouts
     policy: str = _setting(
-        "deepseek", "planner policy of auto-rebalance and of REST rebalances naming none",
+        "default", "planner policy of auto-rebalance and of REST rebalances naming none",
         _parse_str,
     )
     num_groups: int = _setting(
@@ -256,6 +278,86 @@ class Settings:
         _parse_float,
     )
     log_level: str = _setting("info", f"one of {', '.join(LOG_LEVELS)}", _parse_str)
+    # Durable state and high availability (issue 7; docs/decisions/0008-durable-state-and-ha.md)
+    store: str = _setting(
+        "memory",
+        "where durable state lives: memory (lost with the process) or redis://HOST:PORT/DB "
+        "(rediss:// for TLS); with Redis, replicas elect a leader through a lease",
+        _parse_str,
+        metavar="URL",
+    )
+    redis_prefix: str = _setting(
+        "eplb", "prefix of every Redis key (several services can share one Redis)", _parse_str,
+        metavar="PREFIX",
+    )
+    store_timeout_s: float = _setting(
+        2.0, "timeout of one Redis call; a failure makes the service not ready until Redis "
+        "answers again", _parse_float,
+    )
+    lease_s: float = _setting(
+        5.0,
+        "leader lease period (Redis store): the leader renews it every lease_s/3; a follower "
+        "takes over within two lease periods after the leader dies",
+        _parse_float,
+    )
+    replica_id: str = _setting(
+        "", "this replica's name in the leader lease, unique per live replica (default "
+        "HOSTNAME-PID); a restarted replica with the same name takes its lease back at once",
+        _parse_str, metavar="NAME",
+    )
+    advertise_address: str = _setting(
+        "", "gRPC HOST:PORT followers name when they refuse agents (default host:grpc_port)",
+        _parse_str, metavar="HOST:PORT",
+    )
+    window_save_s: float = _setting(
+        0.0, "the load window is saved to the store this often (0 = every report_interval_s); "
+        "a restart loses at most this much window (tokens_total loses nothing)", _parse_float,
+    )
+    # Security
+    token: str | None = _setting(
+        None,
+        "shared bearer token required for REST mutations and agent streams (environment or "
+        "config file only, never a flag)",
+        _parse_optional_str,
+        secret=True,
+    )
+    token_file: str | None = _setting(
+        None, "file holding the bearer token (instead of EPLB_TOKEN)", _parse_optional_str,
+        metavar="FILE",
+    )
+    auth_reads: bool = _setting(
+        False,
+        "also require the token for REST reads, /metrics, /docs and GetPlacement "
+        "(/healthz and /readyz stay open)",
+        _parse_bool, metavar="BOOL",
+    )
+    tls_cert: str | None = _setting(
+        None, "PEM certificate (chain) of the gRPC and HTTP servers; enables TLS on both",
+        _parse_optional_str, metavar="FILE",
+    )
+    tls_key: str | None = _setting(
+        None, "PEM private key of tls_cert", _parse_optional_str, metavar="FILE"
+    )
+    tls_client_ca: str | None = _setting(
+        None, "PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)",
+        _parse_optional_str, metavar="FILE",
+    )
+    # Limits
+    max_reports_per_s: float = _setting(
+        50.0, "load reports per second one rank may send (bursts up to 2 s worth); more gets "
+        "RESOURCE_EXHAUSTED", _parse_float,
+    )
+    max_deployments: int = _setting(
+        64, "deployments one service registers; more gets FAILED_PRECONDITION", _parse_int
+    )
+    max_layers: int = _setting(256, "MoE layers L of one deployment at most", _parse_int)
+    max_experts: int = _setting(1024, "logical experts E per layer at most", _parse_int)
+    max_slots: int = _setting(
+        4096, "physical slots P per layer at most (bounds ranks too: R divides P)", _parse_int
+    )
+    max_body_bytes: int = _setting(
+        16 * 1024 * 1024, "largest REST request body; larger ones get 413", _parse_int
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -298,6 +400,28 @@ class Settings:
         need(0 <= self.planner_processes <= 64, "planner_processes", "in 0..64")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", ">= 0")
         need(self.log_level in LOG_LEVELS, "log_level", f"one of {', '.join(LOG_LEVELS)}")
+        need(
+            self.store == "memory" or self.store.startswith(("redis://", "rediss://", "unix://")),
+            "store", "memory or a redis://HOST:PORT/DB URL",
+        )
+        need(bool(self.redis_prefix) and " " not in self.redis_prefix, "redis_prefix",
+             "a non-empty prefix without spaces")
+        need(self.store_timeout_s > 0, "store_timeout_s", "> 0")
+        need(0.1 <= self.lease_s <= 600, "lease_s", "in 0.1..600")
+        need("|" not in self.replica_id, "replica_id", "a name without '|'")
+        need(self.window_save_s >= 0, "window_save_s", ">= 0 (0 = report_interval_s)")
+        need(self.token is None or (bool(self.token.strip()) and "\n" not in self.token),
+             "token", "a non-empty single line")
+        need((self.tls_cert is None) == (self.tls_key is None), "tls_key",
+             "given together with tls_cert")
+        need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
+             "used with tls_cert and tls_key")
+        need(self.max_reports_per_s > 0, "max_reports_per_s", "> 0")
+        need(self.max_deployments >= 1, "max_deployments", ">= 1")
+        need(self.max_layers >= 1, "max_layers", ">= 1")
+        need(self.max_experts >= 1, "max_experts", ">= 1")
+        need(self.max_slots >= 1, "max_slots", ">= 1")
+        need(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024")
         from eplb_service.policy import POLICIES  # numpy only; imported late to keep this light
 
         need(self.policy in POLICIES, "policy", f"one of {', '.join(sorted(POLICIES))}")
@@ -308,6 +432,25 @@ class Settings:
         if override is not None:
             return override
         return DeploymentOptions(expert_bytes=self.expert_bytes, num_groups=self.num_groups)
+
+    def bearer_token(self) -> str | None:
+        """The shared token: ``token`` (EPLB_TOKEN) or the first line of ``token_file``.
+
+        Raises:
+            ConfigError: both given, or the file is unreadable or empty (never shows the token).
+        """
+        if self.token_file is None:
+            return None if self.token is None else self.token.strip()
+        if self.token is not None:
+            raise ConfigError("token_file: give either EPLB_TOKEN or token_file, not both")
+        try:
+            text = Path(self.token_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"token_file {self.token_file!r}: cannot read it ({exc})") from None
+        lines = text.strip().splitlines()
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"token_file {self.token_file!r}: is empty")
+        return lines[0].strip()
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (validated)."""

@@ -1,9 +1,10 @@
 """The one place the service calls the planner: :func:`plan`.
 
 :func:`plan` is pure and synchronous (numpy, no I/O) so it can run in a worker thread;
-:class:`Planner` runs it off the event loop and times it. When the richer ``policy="default"``
-(with ``current=``, ``max_moves=``, ``min_gain=``) lands in :mod:`eplb_service.policy`, only
-:func:`_propose` changes: pass those options through instead of gating here.
+:class:`Planner` runs it off the event loop and times it. The default policy (``sticky``, registered
+as ``"default"``) plans from the placement in service with the request's budget and ``min_gain``
+and says itself whether anything changed (:func:`eplb_service.policy.sticky.plan`); every other
+policy goes through :func:`eplb_service.policy.rebalance_experts` and is gated here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from eplb_service import policy as policies
 from eplb_service.balance import BalanceReport, evaluate
 from eplb_service.migration import MigrationSummary, summarize_migration
 from eplb_service.placement import Placement
+from eplb_service.policy import sticky
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -34,16 +36,22 @@ class PlanRequest:
     Attributes:
         policy: a name in :data:`eplb_service.policy.POLICIES`.
         min_gain: roll out only if mean balancedness rises by at least this (and by > 0).
-        max_moves: roll out only if at most this many slots change expert (None: no limit).
+        max_moves: at most this many slots change expert (None: no limit); the default policy
+            plans within it, other policies are refused above it.
         num_groups: expert groups (divides E).
         expert_bytes: bytes per expert for the moved-bytes estimate (None: unknown).
+        max_bytes: at most this many bytes of expert weights move (default policy only; needs
+            ``expert_bytes``).
+        strategy: ``"auto"``, ``"hierarchical"`` or ``"global"`` (default policy only).
     """
 
-    policy: str = "deepseek"
+    policy: str = "default"
     min_gain: float = 0.0
     max_moves: int | None = None
     num_groups: int = 1
     expert_bytes: int | None = None
+    max_bytes: int | None = None
+    strategy: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class PlanOutcome:
         worth_it: whether the request's gates pass (gain > 0, >= min_gain, moves <= max_moves).
         reason: why not, when not worth it.
         seconds: planner wall time.
+        note: how a budget cut the plan short, or which strategy the default policy chose
+            and why (None for other policies).
     """
 
     placement: Placement
@@ -67,6 +77,7 @@ class PlanOutcome:
     worth_it: bool
     reason: str | None
     seconds: float
+    note: str | None = None
 
     @property
     def gain(self) -> float:
@@ -129,6 +140,8 @@ def plan(load: npt.ArrayLike, current: Placement, request: PlanRequest) -> PlanO
     """
     started = time.perf_counter()
     weight = np.asarray(load, dtype=np.float64)
+    if _is_default(request.policy):
+        return _plan_default(weight, current, request, started)
     proposal = _propose(weight, current, request)
     before = evaluate(weight, current)
     after = evaluate(weight, proposal)
@@ -152,6 +165,51 @@ def plan(load: npt.ArrayLike, current: Placement, request: PlanRequest) -> PlanO
         worth_it=reason is None,
         reason=reason,
         seconds=time.perf_counter() - started,
+    )
+
+
+def _is_default(policy: str) -> bool:
+    """Whether ``policy`` names the default (``sticky``) policy, under any of its names."""
+    return policies.POLICIES.get(policy) is sticky.rebalance_experts
+
+
+def _plan_default(
+    weight: FloatArray, current: Placement, request: PlanRequest, started: float
+) -> PlanOutcome:
+    """The default policy plans from ``current`` within the request's budget and gates itself
+    (``min_gain``); its ``changed`` / ``reason`` decide whether the plan is worth rolling out."""
+    result = sticky.plan(
+        weight,
+        current.topology,
+        num_groups=request.num_groups,
+        current=current,
+        max_moves=request.max_moves,
+        max_bytes=request.max_bytes,
+        expert_bytes=request.expert_bytes,
+        min_gain=request.min_gain,
+        strategy=request.strategy,
+    )
+    assert result.before is not None and result.migration is not None  # current was given
+    reason: str | None = None
+    if not result.changed:
+        reason = result.reason or "the plan equals the current placement"
+        if request.max_moves is not None and reason.startswith("budget"):
+            reason += f" (the unbudgeted plan changes more slots > max_moves {request.max_moves})"
+    elif result.gain <= 0:
+        reason = (f"no predicted gain (mean balancedness {result.before.balancedness_mean:.4f}"
+                  f" -> {result.after.balancedness_mean:.4f})")
+    notes = [f"strategy {result.strategy}: {result.strategy_reason}"]
+    if result.changed and result.reason:
+        notes.append(result.reason)
+    return PlanOutcome(
+        placement=result.placement,
+        before=result.before,
+        after=result.after,
+        migration=result.migration,
+        worth_it=reason is None,
+        reason=reason,
+        seconds=time.perf_counter() - started,
+        note="; ".join(notes),
     )
 
 

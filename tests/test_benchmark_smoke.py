@@ -33,8 +33,10 @@ SEQUENCE_HEAD = [
     "rewritten",
     "x-node",
     "GB",
+    "planned bal",
     "next bal mean",
     "next bal worst",
+    "vs None planned / next",
     "= ref",
 ]
 

@@ -404,3 +404,30 @@ def test_two_slots_per_rank_is_optimal(num_experts: int, seed: int) -> None:
             continue
         best = min(best, (weight[0] / counts)[list(row)].reshape(num_ranks, 2).sum(1).max())
     assert ours == pytest.approx(best)
+
+
+def test_service_plans_with_the_default_policy() -> None:
+    """eplb_service.planning uses sticky.plan for the default policy: its gate and budget."""
+    from eplb_service.config import Settings
+    from eplb_service.placement import Placement
+    from eplb_service.planning import PlanRequest
+    from eplb_service.planning import plan as service_plan
+
+    assert PlanRequest().policy == "default"
+    assert Settings.__dataclass_fields__["policy"].default == "default"
+    t = Topology(2, 8, 12, 4, 2)
+    rng = np.random.default_rng(3)
+    weight = rng.integers(1, 1000, (2, 8)).astype(np.float64)
+    weight[:, 0] *= 20
+    current = Placement(np.tile(np.concatenate([np.arange(8), np.arange(4)]), (2, 1)), t)
+    out = service_plan(weight, current, PlanRequest())
+    assert out.worth_it and out.gain > 0 and out.migration.slots_changed > 0
+    assert out.note and "strategy" in out.note
+    capped = service_plan(weight, current, PlanRequest(max_moves=2))
+    assert capped.migration.slots_changed <= 2
+    gated = service_plan(weight, current, PlanRequest(min_gain=0.99))
+    assert not gated.worth_it and "min_gain" in (gated.reason or "")
+    np.testing.assert_array_equal(gated.placement.phy2log, current.phy2log)
+    # Other policies still go through the dispatcher and are gated in the service.
+    ds = service_plan(weight, current, PlanRequest(policy="deepseek", max_moves=0))
+    assert not ds.worth_it and "> max_moves 0" in (ds.reason or "")

@@ -222,7 +222,7 @@ def test_dry_run_then_rollout_to_applied(service_factory, raw_agent, http):
     assert 'eplb_active_version{deployment="dep"} 1.0' in metrics
     assert 'eplb_agents_connected{deployment="dep"} 2.0' in metrics
     assert 'eplb_balancedness{deployment="dep"}' in metrics
-    assert 'eplb_planner_seconds_count{policy="deepseek"}' in metrics
+    assert 'eplb_planner_seconds_count{policy="default"}' in metrics
     assert 'eplb_bytes_moved_total{deployment="dep"} 1000.0' in metrics
 
 

@@ -341,7 +341,9 @@ def replan(
                                    log.peak[keep], log.changed[keep], log.arrivals[keep])))
         return rows[~ok]
 
-    todo = np.flatnonzero(must_fix | (peak0 > search_goal * (1 + 1e-9)))
+    # Rows within their goal keep every slot (even above the search goal): touching them
+    # would rewrite slots for a gain smaller than the tolerance.
+    todo = np.flatnonzero(must_fix | (peak0 > goal * (1 + 1e-9)))
     if todo.size:
         # Rows not already near the stand-in need the fresh plan: its largest rank load is
         # their reference from here on.
@@ -349,7 +351,7 @@ def replan(
         reference[todo] = np.maximum(reference[todo], fresh_peak)
         goal[todo], search_goal[todo] = goals(todo)
         met[todo] = ~must_fix[todo] & (peak0[todo] <= goal[todo] * (1 + 1e-9))
-        busy = must_fix[todo] | (peak0[todo] > search_goal[todo] * (1 + 1e-9))
+        busy = must_fix[todo] | (peak0[todo] > goal[todo] * (1 + 1e-9))
         todo, fresh_item, fresh_peak = todo[busy], fresh_item[busy], fresh_peak[busy]
     if todo.size:
         # 1. Hysteresis counts: change only those that must change.
