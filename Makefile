@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check proto proto-check venv clean
+.PHONY: demo test check proto proto-check venv clean redis
 # The pinned protobuf code generator lives in its own venv (see proto/generate.py).
 PROTO_VENV := .venv-proto
 PROTO_STAMP := $(PROTO_VENV)/.installed
@@ -37,10 +37,15 @@ proto-check: $(PROTO_STAMP)
 	$(PROTO_VENV)/bin/python proto/generate.py --check
 
 check: $(STAMP) proto-check
-	$(BIN)/ruff check eplb_service worker_agent tests benchmarks proto
+	$(BIN)/ruff check eplb_service worker_agent eplb_engine tests benchmarks proto
 	$(BIN)/mypy
 
-test: $(STAMP) check
+# The Redis tests start their own redis-server; install Debian's package when it is missing.
+redis:
+	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+
+test: $(STAMP) check redis
 	$(BIN)/python -m pytest
 
 clean:

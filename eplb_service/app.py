@@ -22,7 +22,21 @@ from eplb_service.config import Settings
 from eplb_service.control import ControlPlane
 from eplb_service.grpc_server import GrpcServer
 from eplb_service.rest import create_app
-from eplb_service.store import Store
+from eplb_service.store import MemoryStore, Store
+
+
+def make_store(settings: Settings) -> Store:
+    """The store ``settings.store`` names: a MemoryStore, or a RedisStore for a redis:// URL."""
+    if settings.store == "memory":
+        return MemoryStore(settings.rollouts_kept)
+    from eplb_service.redis_store import RedisStore  # redis is only imported when used
+
+    return RedisStore(
+        settings.store,
+        prefix=settings.redis_prefix,
+        rollouts_kept=settings.rollouts_kept,
+        timeout_s=settings.store_timeout_s,
+    )
 
 log = logging.getLogger("eplb_service")
 
@@ -62,7 +76,9 @@ class EplbService:
 
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
-        self.control = ControlPlane(settings, store=store)
+        self.control = ControlPlane(
+            settings, store=store if store is not None else make_store(settings)
+        )
         self.grpc: GrpcServer | None = None
         self._http: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -81,7 +97,7 @@ class EplbService:
             return "shutting down"
         if self.grpc is None or not self.control.started:
             return "starting"
-        return None
+        return self.control.not_ready()
 
     async def start(self) -> None:
         """Binds both ports, restores state and starts serving.
@@ -90,12 +106,16 @@ class EplbService:
             OSError: a port cannot be bound (nothing is left running).
         """
         s = self.settings
-        await self.control.start()
         try:
             self._http_socket = _bind(s.host, s.http_port)
             self.http_port = self._http_socket.getsockname()[1]
             grpc_server = GrpcServer(self.control)
             self.grpc_port = grpc_server.port
+            if not s.advertise_address:
+                self.control.advertise = f"{s.host}:{self.grpc_port}"
+            # Ports are bound (so the lease can name our address); state is loaded (when this
+            # replica leads) before anything is served.
+            await self.control.start()
             await grpc_server.start()
             self.grpc = grpc_server
             app = create_app(self.control, ready=self.not_ready)
@@ -105,6 +125,8 @@ class EplbService:
                 access_log=s.log_level == "debug",
                 lifespan="off",
                 timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
+                ssl_certfile=s.tls_cert,
+                ssl_keyfile=s.tls_key,
             )
             self._http = _EmbeddedUvicorn(config)
             self._http_task = asyncio.create_task(
@@ -120,9 +142,13 @@ class EplbService:
         except BaseException:
             await self.stop(grace=0)
             raise
+        scheme = "https" if s.tls_cert else "http"
         log.info(
-            "eplb serving: gRPC %s:%d, HTTP http://%s:%d (docs at /docs)",
-            s.host, self.grpc_port, s.host, self.http_port,
+            "eplb serving: gRPC %s:%d%s, HTTP %s://%s:%d (docs at /docs), store %s%s%s",
+            s.host, self.grpc_port, " (TLS)" if s.tls_cert else "", scheme, s.host,
+            self.http_port, getattr(self.control.store, "url", "memory"),
+            ", bearer token required" if self.control.token else "",
+            "" if self.control.leader else f"; {self.control.not_ready()}",
         )
 
     async def stop(self, grace: float | None = None) -> None:

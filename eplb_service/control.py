@@ -30,7 +30,7 @@ from eplb_service.errors import Code, EplbError, RolloutBusy
 from eplb_service.placement import Placement, PlacementError, Topology
 from eplb_service.planning import Planner, PlanOutcome, PlanRequest, known_policies
 from eplb_service.rollout import Rollout, RolloutController, RolloutState
-from eplb_service.store import DeploymentRecord, MemoryStore, Store
+from eplb_service.store import DeploymentRecord, MemoryStore, Store, StoreError
 from eplb_service.telemetry import Telemetry
 from eplb_service.window import LoadWindow
 
@@ -72,6 +72,7 @@ class ControlPlane:
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.token = settings.bearer_token()  # ConfigError if token_file is bad; never logged
         self.store: Store = store if store is not None else MemoryStore(settings.rollouts_kept)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._clock = clock
@@ -80,32 +81,159 @@ class ControlPlane:
         self.rollouts = RolloutController(
             self.store, self.telemetry, settings.rollout_timeout_s, clock=clock, mono=mono
         )
+        self.rollouts.on_store_error = self.on_store_error
         self.planner = Planner(settings.planner_threads, settings.planner_processes)
         self._auto_task: asyncio.Task[None] | None = None
+        self._window_task: asyncio.Task[None] | None = None
         self.started = False
+        # Leadership (docs/decisions/0008): a store with a lease (Redis) elects one leader among
+        # the replicas; only the leader ingests, plans and rolls out. Without one, always leader.
+        self.leader = False
+        self.leader_hint: str | None = None  # who leads, as followers tell clients
+        self.store_error: str | None = None  # the last store failure, until the store answers
+        self.advertise = settings.advertise_address or f"{settings.host}:{settings.grpc_port}"
+        self.leadership: Any = None  # eplb_service.ha.Leadership with a leased store
+        self._saved_generation: dict[str, int] = {}
+        self._rate: dict[tuple[str, int], tuple[float, float]] = {}  # (tokens, at) per rank
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restores deployments from the store and starts auto-rebalance (if enabled)."""
-        await self._restore()
+        """Warms the planner; then, with a leased store, starts the leadership loop (which
+        restores state when it wins the lease), else restores state and leads at once."""
         await self.planner.warm()
+        if hasattr(self.store, "acquire_lease"):
+            from eplb_service.ha import Leadership
+
+            self.leadership = Leadership(self, self.store)
+            await self.leadership.start()
+        else:
+            await self.become_leader()
+        self.started = True
+
+    async def become_leader(self) -> None:
+        """Loads every deployment from the store and starts the leader's tasks.
+
+        Raises:
+            StoreError: the store failed while loading (nothing is left half-loaded).
+        """
+        self.deployments.clear()
+        self._rate.clear()
+        try:
+            await self._restore()
+        except BaseException:
+            self.deployments.clear()
+            raise
+        self._saved_generation = {
+            name: dep.window.generation for name, dep in self.deployments.items()
+        }
+        self.leader = True
+        self.leader_hint = None
+        self.telemetry.leader.set(1)
         if self.settings.rebalance_interval_s > 0:
             self._auto_task = asyncio.create_task(
                 self._auto_rebalance_loop(), name="auto-rebalance"
             )
-        self.started = True
+        self._window_task = asyncio.create_task(self._window_save_loop(), name="window-save")
+
+    def step_down(self, reason: str) -> None:
+        """Stops acting as the leader at once: agent streams end with UNAVAILABLE (agents
+        reconnect and resend what was not acknowledged), rollout timers stop without writing,
+        in-memory state is dropped (the next leader, maybe this one, reloads it)."""
+        if not self.leader:
+            return
+        self.leader = False
+        self.telemetry.leader.set(0)
+        for task in (self._auto_task, self._window_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        self._auto_task = self._window_task = None
+        log.warning("stepping down as leader: %s", reason)
+        self.disconnect_all(f"this replica stopped leading ({reason}); reconnect")
+        self.rollouts.abandon(sum(dep.rollout is not None for dep in self.deployments.values()))
+        for name in self.deployments:
+            self.telemetry.agents_connected.labels(name).set(0)
+        self.deployments.clear()
+        self.telemetry.deployments.set(0)
+
+    def on_store_error(self, exc: StoreError) -> None:
+        """A store call failed: memory may now be ahead of the store, so stop leading; the
+        leadership loop takes the lease back (and reloads) once the store answers."""
+        self.store_error = str(exc)
+        self.telemetry.store_up.set(0)
+        self.telemetry.store_errors.inc()
+        log.error("store failure: %s", exc)
+        if self.leadership is not None:
+            self.leadership.lose(f"store failure: {exc}")
+        else:
+            self.step_down(f"store failure: {exc}")
+
+    def store_ok(self) -> None:
+        if self.store_error is not None:
+            log.warning("store answers again")
+        self.store_error = None
+        self.telemetry.store_up.set(1)
+
+    def not_ready(self) -> str | None:
+        """None when this replica serves agents, else why not (for /readyz)."""
+        if not self.started:
+            return "starting"
+        if self.store_error is not None:
+            return f"store unavailable: {self.store_error}"
+        if not self.leader:
+            return self.not_leader_message()
+        return None
+
+    def not_leader_message(self) -> str:
+        hint = f"; the leader is {self.leader_hint}" if self.leader_hint else ""
+        return f"this replica is not the leader{hint}"
+
+    def require_leader(self) -> None:
+        """Raises EplbError(UNAVAILABLE) unless this replica leads and its store answers."""
+        if self.store_error is not None:
+            raise EplbError(
+                Code.UNAVAILABLE, f"store unavailable: {self.store_error}; retry later", "store"
+            )
+        if not self.leader:
+            raise EplbError(Code.UNAVAILABLE, self.not_leader_message(), "not_leader")
 
     async def close(self) -> None:
+        was_leader = self.leader
         self.started = False
-        if self._auto_task is not None:
-            self._auto_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._auto_task
+        for task in (self._auto_task, self._window_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.disconnect_all("service shutting down")
         await self.rollouts.close()
+        if was_leader and self.store_error is None:
+            with contextlib.suppress(StoreError):
+                await self.save_windows()
+        if self.leadership is not None:
+            await self.leadership.close()
+        self.leader = False
         self.planner.close()
         await self.store.close()
+
+    async def save_windows(self) -> None:
+        """Writes the window of every deployment whose window changed since its last save."""
+        for name, dep in list(self.deployments.items()):
+            generation = dep.window.generation
+            if self._saved_generation.get(name) == generation:
+                continue
+            await self.store.save_window(name, dep.window.snapshot())
+            self._saved_generation[name] = generation
+
+    async def _window_save_loop(self) -> None:
+        interval = self.settings.window_save_s or self.settings.report_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.save_windows()
+            except StoreError as exc:
+                self.on_store_error(exc)
+                return
 
     def disconnect_all(self, reason: str) -> None:
         """Ends every agent stream with UNAVAILABLE (agents reconnect with backoff)."""
@@ -133,18 +261,27 @@ class ControlPlane:
             dep.last_sequence.update(ingest.last_sequence)
             dep.tokens_total = ingest.tokens_total
             window.restore(await self.store.load_window(record.name))
+            resume: Rollout | None = None
             for snapshot in await self.store.load_rollouts(record.name):
-                if snapshot.get("state") in ("preparing", "committed"):
-                    # A rollout in flight when the service stopped: ranks may hold a staged plan
-                    # whose timeout died with the process. Cancel it; a rank that switched
-                    # anyway is adopted by its next hello (active_version is known).
-                    snapshot = dict(snapshot, state="cancelled", reason="service restarted",
-                                    finished_at=self._clock())
-                    await self.store.save_rollout(record.name, snapshot)
                 phy2log = await self.store.load_placement(record.name, int(snapshot["version"]))
-                if phy2log is not None:
-                    placement = Placement(phy2log, record.topology)
-                    dep.remember(Rollout.from_dict(snapshot, placement, self._mono()))
+                if phy2log is None:
+                    continue
+                placement = Placement(phy2log, record.topology)
+                rollout = Rollout.from_dict(snapshot, placement, self._mono())
+                if rollout.in_flight:
+                    resume = rollout
+                dep.remember(rollout)
+            if resume is not None:
+                # In flight when the previous leader died: finish it (docs/decisions/0008).
+                # Its version and map are durable and ranks may hold it staged or have
+                # switched already, so cancelling could undo a switch the group made on its
+                # own; reconnecting ranks get the plan again (or report they switched) and
+                # the timeout (restarted now) still cancels it if a rank never comes back.
+                if resume.version not in dep.placements:
+                    dep.placements[resume.version] = resume.placement
+                    window.add_version(resume.version, resume.placement.phy2log)
+                dep.rollout = resume
+                self.rollouts.resume(dep, resume)
             self.deployments[record.name] = dep
             self.telemetry.active_version.labels(dep.name).set(dep.active_version)
         self.telemetry.deployments.set(len(self.deployments))
@@ -194,6 +331,21 @@ class ControlPlane:
         def bad(message: str) -> EplbError:
             return EplbError(Code.INVALID_ARGUMENT, f"hello.{message}", "bad_hello")
 
+        self.require_leader()
+        s = self.settings
+        for wire, limit, setting in (
+            ("num_layers", s.max_layers, "max_layers"),
+            ("num_experts", s.max_experts, "max_experts"),
+            ("num_slots", s.max_slots, "max_slots"),
+        ):
+            if getattr(hello, wire) > limit:
+                raise EplbError(
+                    Code.INVALID_ARGUMENT,
+                    f"hello.{wire}: {getattr(hello, wire)} exceeds the limit {setting}={limit} "
+                    f"(raise it with --{setting.replace('_', '-')} or EPLB_{setting.upper()})",
+                    "limit",
+                )
+
         if not NAME_RE.match(hello.deployment):
             raise bad(f"deployment: {hello.deployment!r} must match [A-Za-z0-9._-]{{1,63}}")
         if hello.world_size < 1:
@@ -216,6 +368,14 @@ class ControlPlane:
         dep = self.deployments.get(hello.deployment)
         version = hello.active_version
         if dep is None:
+            if len(self.deployments) >= s.max_deployments:
+                raise EplbError(
+                    Code.FAILED_PRECONDITION,
+                    f"hello.deployment: cannot register {hello.deployment!r}: the service has "
+                    f"max_deployments={s.max_deployments} deployments (raise it with "
+                    "--max-deployments or EPLB_MAX_DEPLOYMENTS)",
+                    "limit",
+                )
             dep = await self._register(hello, topology)
         else:
             mismatch = dep.shape_mismatch(topology)
@@ -330,8 +490,8 @@ class ControlPlane:
             dep.name, topology.num_layers, topology.num_experts, topology.num_slots,
             topology.num_ranks, topology.num_nodes, version,
         )
-        await self.store.save_deployment(record)
         await self.store.save_placement(dep.name, version, placement.phy2log)
+        await self.store.save_deployment(record)
         return dep
 
     async def report(self, link: AgentLink, report: eplb_pb2.LoadReport) -> None:
@@ -341,7 +501,8 @@ class ControlPlane:
             EplbError: INVALID_ARGUMENT (sequence 0, steps, dtype, shape, length, negative),
                 FAILED_PRECONDITION (stale or future placement version).
         """
-        dep = self.deployments[link.deployment]
+        dep = self._dep_of(link)
+        self._rate_limit(dep, link.rank)
         seq = report.sequence
         if seq == 0:
             raise EplbError(Code.INVALID_ARGUMENT, "report.sequence: must be >= 1", "protocol")
@@ -381,22 +542,65 @@ class ControlPlane:
                 f"versions {kept[0]}..{kept[-1]}",
                 "stale_version",
             )
-        now = self._clock()
-        dep.window.add_report(version, counts, now)
+        logical = dep.window.to_logical(version, counts)
         tokens = int(counts.sum())
+        # Durable first (dedup check + tokens_total in one atomic store call), then memory,
+        # then the ack: an acknowledged report is counted exactly once, even across a crash.
+        counted = await self.store.commit_report(dep.name, link.incarnation, seq, tokens)
+        if self.deployments.get(dep.name) is not dep:  # stepped down meanwhile: the next
+            # leader reloads tokens_total and deduplication from the store, this one included
+            raise EplbError(Code.UNAVAILABLE, "leadership changed while counting; resend", "other")
+        if not counted or seq <= dep.seen(link.incarnation):
+            # The store had counted it already (a commit whose answer was lost, or a resend
+            # racing on a superseded stream): acknowledge without counting again.
+            self.telemetry.reports_duplicate.labels(dep.name).inc()
+            link.outbox.send(eplb_pb2.ServiceMessage(ack=eplb_pb2.Ack(sequence=seq)))
+            return
+        now = self._clock()
+        dep.window.add(logical, now)
         evicted = dep.count(link.incarnation, seq, tokens, now)
         status = dep.rank(link.rank)
         status.last_seen = now
         status.step = report.step_end
         self.telemetry.reports_received.labels(dep.name).inc()
         self.telemetry.tokens.labels(dep.name).inc(tokens)
-        await self.store.commit_report(dep.name, link.incarnation, seq, tokens)
         if evicted:
             await self.store.forget_incarnations(dep.name, evicted)
         link.outbox.send(eplb_pb2.ServiceMessage(ack=eplb_pb2.Ack(sequence=seq)))
 
+    def _dep_of(self, link: AgentLink) -> Deployment:
+        """The deployment of an open stream; UNAVAILABLE once the stream was closed (e.g. this
+        replica stepped down: its messages must not touch state reloaded since)."""
+        dep = self.deployments.get(link.deployment)
+        if dep is None or link.outbox.closed is not None or dep.links.get(link.rank) is not link:
+            raise EplbError(
+                Code.UNAVAILABLE,
+                f"stream of {link.deployment} rank {link.rank} is closed; reconnect",
+                "other",
+            )
+        return dep
+
+    def _rate_limit(self, dep: Deployment, rank: int) -> None:
+        """Token bucket per rank: ``max_reports_per_s``, bursts up to two seconds' worth."""
+        rate = self.settings.max_reports_per_s
+        burst = max(2.0 * rate, 8.0)
+        key = (dep.name, rank)
+        now = self._mono()
+        tokens, at = self._rate.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._rate[key] = (tokens, now)
+            raise EplbError(
+                Code.RESOURCE_EXHAUSTED,
+                f"report: {dep.name} rank {rank} sends more than max_reports_per_s={rate:g} "
+                "reports per second (raise it with --max-reports-per-s or "
+                "EPLB_MAX_REPORTS_PER_S, or lower the agents' report rate)",
+                "rate_limited",
+            )
+        self._rate[key] = (tokens - 1.0, now)
+
     async def plan_ack(self, link: AgentLink, ack: eplb_pb2.PlanAck) -> None:
-        dep = self.deployments[link.deployment]
+        dep = self._dep_of(link)
         status = dep.rank(link.rank)
         status.last_seen = self._clock()
         if ack.status == eplb_pb2.PlanAck.STATUS_APPLIED:
@@ -405,7 +609,7 @@ class ControlPlane:
         await self.rollouts.on_ack(dep, link, ack)
 
     async def heartbeat(self, link: AgentLink, heartbeat: eplb_pb2.Heartbeat) -> None:
-        dep = self.deployments[link.deployment]
+        dep = self._dep_of(link)
         status = dep.rank(link.rank)
         status.last_seen = self._clock()
         status.step = heartbeat.step
@@ -485,6 +689,7 @@ class ControlPlane:
             EplbError: NOT_FOUND, INVALID_ARGUMENT (policy), RolloutBusy (a rollout runs or a
                 rebalance is being planned), FAILED_PRECONDITION (the planner refused).
         """
+        self.require_leader()
         dep = self.get(name)
         request = self.plan_request(dep, policy=policy, min_gain=min_gain, max_moves=max_moves)
         if dry_run:
@@ -523,6 +728,7 @@ class ControlPlane:
         Raises:
             EplbError: NOT_FOUND, INVALID_ARGUMENT (naming the problem in the map), RolloutBusy.
         """
+        self.require_leader()
         dep = self.get(name)
         try:
             placement = Placement(phy2log, dep.topology)
@@ -562,6 +768,9 @@ class ControlPlane:
                     await self.auto_rebalance(dep)
                 except EplbError as exc:
                     log.info("auto-rebalance of %s skipped: %s", dep.name, exc.message)
+                except StoreError as exc:
+                    self.on_store_error(exc)
+                    return
                 except Exception:
                     log.exception("auto-rebalance of %s failed", dep.name)
 

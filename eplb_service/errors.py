@@ -18,7 +18,8 @@ class Code(enum.Enum):
     NOT_FOUND = "NOT_FOUND"  # unknown deployment or rollout (HTTP 404)
     ALREADY_EXISTS = "ALREADY_EXISTS"  # a rollout is already running (HTTP 409)
     ABORTED = "ABORTED"  # the stream was superseded by a newer one for the same rank
-    UNAVAILABLE = "UNAVAILABLE"  # shutting down
+    UNAVAILABLE = "UNAVAILABLE"  # shutting down, not the leader, or the store is down
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # missing or wrong bearer token (HTTP 401)
 
 
 class EplbError(Exception):

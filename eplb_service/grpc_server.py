@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +32,7 @@ from eplb_service import codec
 from eplb_service.control import ControlPlane
 from eplb_service.deployments import NAME_RE, AgentLink, Close, Outbox
 from eplb_service.errors import Code, EplbError
+from eplb_service.store import StoreError
 from eplb_service.telemetry import REJECT_REASONS
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ STATUS: dict[Code, grpc.StatusCode] = {
     Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Code.ABORTED: grpc.StatusCode.ABORTED,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 _INTERNAL = "internal"
@@ -55,6 +60,7 @@ class EplbServicer(eplb_pb2_grpc.EplbServicer):
         self.control = control
         self.settings = control.settings
         self.telemetry = control.telemetry
+        self.token: str | None = control.token
 
     async def Connect(  # gRPC method name
         self,
@@ -63,6 +69,9 @@ class EplbServicer(eplb_pb2_grpc.EplbServicer):
     ) -> None:
         outbox = Outbox()
         peer = context.peer() or ""
+        refused = self._refuse_unauthenticated(context)
+        if refused is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
         reader = asyncio.create_task(self._read(request_iterator, outbox, peer))
         try:
             while True:
@@ -129,6 +138,18 @@ class EplbServicer(eplb_pb2_grpc.EplbServicer):
             who = f"{link.deployment} rank {link.rank}" if link else peer
             log.info("refused %s: %s %s", who, exc.code.value, exc.message)
             outbox.close(exc.code, exc.message)
+        except DecodeError:
+            self.telemetry.reports_rejected.labels("protocol").inc()
+            log.info("refused %s: INVALID_ARGUMENT undecodable message", peer)
+            outbox.close(
+                Code.INVALID_ARGUMENT,
+                "AgentMessage: not a valid eplb.v1.AgentMessage (protobuf decoding failed)",
+            )
+        except StoreError as exc:
+            # Not counted, not acknowledged: the agent resends after reconnecting.
+            self.telemetry.reports_rejected.labels("store").inc()
+            outbox.close(Code.UNAVAILABLE, f"store unavailable: {exc}; retry later")
+            control.on_store_error(exc)
         except asyncio.CancelledError:
             raise
         except (grpc.RpcError, grpc.aio.AbortError, grpc.aio.UsageError):
@@ -140,6 +161,32 @@ class EplbServicer(eplb_pb2_grpc.EplbServicer):
         finally:
             if link is not None:
                 control.disconnect(link)
+
+    def _refuse_unauthenticated(
+        self, context: Any, *, read: bool = False
+    ) -> str | None:
+        """None when the call may proceed, else why not (never echoes the token)."""
+        token = self.token
+        if token is None or (read and not self.settings.auth_reads):
+            return None
+        given = ""
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                given = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        scheme, _, credential = given.partition(" ")
+        if not given:
+            why = "missing bearer token: send metadata 'authorization: Bearer <token>'"
+        elif scheme.lower() != "bearer" or not credential.strip():
+            why = "malformed authorization metadata: expected 'Bearer <token>'"
+        elif hmac.compare_digest(credential.strip().encode(), token.encode()):
+            return None
+        else:
+            why = "invalid bearer token"
+        self.telemetry.auth_failures.labels("grpc").inc()
+        self.telemetry.reports_rejected.labels("unauthenticated").inc()
+        log.info("refused %s: UNAUTHENTICATED %s", context.peer() or "?", why)
+        return why
 
     def _check_size(self, message: eplb_pb2.AgentMessage) -> None:
         size = message.ByteSize()
@@ -157,12 +204,16 @@ class EplbServicer(eplb_pb2_grpc.EplbServicer):
         request: eplb_pb2.GetPlacementRequest,
         context: grpc.aio.ServicerContext[eplb_pb2.GetPlacementRequest, eplb_pb2.PlacementReply],
     ) -> eplb_pb2.PlacementReply:
+        refused = self._refuse_unauthenticated(context, read=True)
+        if refused is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
         if not NAME_RE.match(request.deployment):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"deployment: {request.deployment!r} must match [A-Za-z0-9._-]{{1,63}}",
             )
         try:
+            self.control.require_leader()
             version, placement = self.control.get_placement(request.deployment)
         except EplbError as exc:
             await context.abort(STATUS[exc.code], exc.message)
@@ -209,7 +260,11 @@ class GrpcServer:
         )
         address = f"{_host(s.host)}:{s.grpc_port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            credentials = server_credentials(s)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -224,6 +279,27 @@ class GrpcServer:
         """Reports NOT_SERVING, then stops; open streams get ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise OSError(f"{what} {path!r}: {exc.strerror or exc}") from None
+
+
+def server_credentials(settings: Any) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``tls_cert``/``tls_key`` (and ``tls_client_ca`` for mTLS)."""
+    if settings.tls_cert is None:
+        return None
+    cert = _read_pem(settings.tls_cert, "tls_cert")
+    key = _read_pem(settings.tls_key, "tls_key")
+    client_ca = None
+    if settings.tls_client_ca is not None:
+        client_ca = _read_pem(settings.tls_client_ca, "tls_client_ca")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _host(host: str) -> str:

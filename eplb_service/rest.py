@@ -13,11 +13,14 @@ invalid map (one line from the placement validator).
 from __future__ import annotations
 
 import contextlib
+import hmac
+import json
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +31,7 @@ from eplb_service.deployments import Deployment, WindowBalance
 from eplb_service.errors import Code, EplbError
 from eplb_service.planning import known_policies
 from eplb_service.rollout import Rollout
+from eplb_service.store import StoreError
 from eplb_service.telemetry import CONTENT_TYPE
 
 HTTP_STATUS: dict[Code, int] = {
@@ -38,6 +42,7 @@ HTTP_STATUS: dict[Code, int] = {
     Code.ALREADY_EXISTS: 409,
     Code.ABORTED: 409,
     Code.UNAVAILABLE: 503,
+    Code.UNAUTHENTICATED: 401,
 }
 
 
@@ -276,7 +281,113 @@ def _rebalance_view(result: RebalanceResult) -> RebalanceView:
 
 def get_control(request: Request) -> ControlPlane:
     control: ControlPlane = request.app.state.control
+    if request.url.path.startswith("/v1/"):
+        control.require_leader()  # followers and a replica without its store: 503 naming why
     return control
+
+
+_OPEN_PATHS = ("/healthz", "/readyz")
+_MUTATIONS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class GuardMiddleware:
+    """Pure ASGI: the bearer token (mutations always, reads with ``auth_reads``; constant-time
+    comparison, the token never echoed) and a bound on request bodies (413)."""
+
+    def __init__(self, app: Any, *, token: str | None, auth_reads: bool, max_body: int,
+                 on_auth_failure: Callable[[], None]) -> None:
+        self.app = app
+        self.token = None if token is None else token.encode()
+        self.auth_reads = auth_reads
+        self.max_body = max_body
+        self.on_auth_failure = on_auth_failure
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.token is not None and path not in _OPEN_PATHS and (
+            method in _MUTATIONS or self.auth_reads
+        ):
+            why = self._refuse(headers.get("authorization", b""))
+            if why is not None:
+                self.on_auth_failure()
+                await _respond(send, 401, why, [(b"www-authenticate", b'Bearer realm="eplb"')])
+                return
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                await _respond(send, 400, "content-length: not a number")
+                return
+            if too_big:
+                await _respond(send, 413, self._too_big(int(length)))
+                return
+        if length is None and method in _MUTATIONS:
+            # A chunked body: read it whole (bounded) before the app sees it, then replay it.
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    await _respond(send, 413, self._too_big(size))
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay() -> Any:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _too_big(self, size: int) -> str:
+        return (
+            f"request body of {size} bytes exceeds max_body_bytes={self.max_body} "
+            "(raise it with --max-body-bytes or EPLB_MAX_BODY_BYTES)"
+        )
+
+    def _refuse(self, header: bytes) -> str | None:
+        assert self.token is not None
+        if not header:
+            return "missing bearer token: send 'Authorization: Bearer <token>'"
+        scheme, _, credential = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not credential.strip():
+            return "malformed Authorization header: expected 'Bearer <token>'"
+        if hmac.compare_digest(credential.strip(), self.token):
+            return None
+        return "invalid bearer token"
+
+
+async def _respond(
+    send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *(headers or []),
+        ],
+    })
+    await send({"type": "http.response.body", "body": body})
 
 
 Control = Annotated[ControlPlane, Depends(get_control)]
@@ -306,10 +417,35 @@ def create_app(
         description="Control plane for expert-parallel load balancing of MoE inference.",
     )
     app.state.control = control
+    app.add_middleware(
+        GuardMiddleware,
+        token=control.token,
+        auth_reads=control.settings.auth_reads,
+        max_body=control.settings.max_body_bytes,
+        on_auth_failure=lambda: control.telemetry.auth_failures.labels("http").inc(),
+    )
 
     @app.exception_handler(EplbError)
     async def _eplb_error(request: Request, exc: EplbError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=HTTP_STATUS[exc.code])
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the input, which fails to render for a hostile body with
+        # Infinity/NaN (a 500); name the field and the problem only.
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+             "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        control.on_store_error(exc)
+        return JSONResponse(
+            {"detail": f"store unavailable: {exc}; retry later"}, status_code=503
+        )
 
     @app.get("/healthz", response_model=Status, tags=["health"])
     async def healthz() -> Status:

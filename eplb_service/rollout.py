@@ -36,7 +36,7 @@ from eplb_service import codec
 from eplb_service.deployments import AgentLink, Deployment
 from eplb_service.errors import Code, EplbError, RolloutBusy
 from eplb_service.placement import Placement
-from eplb_service.store import Store
+from eplb_service.store import Store, StoreError
 from eplb_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ class Rollout:
             switch_step=doc.get("switch_step"),
             ranks_ready=set(doc.get("ranks_ready", [])),
             ranks_applied=set(doc.get("ranks_applied", [])),
+            ready_incarnation={
+                int(rank): str(inc) for rank, inc in (doc.get("ready_incarnation") or {}).items()
+            },
             slots_changed=int(doc.get("slots_changed", 0)),
             bytes_moved=int(doc.get("bytes_moved", 0)),
             plan=doc.get("plan"),
@@ -143,6 +146,7 @@ class Rollout:
             "slots_changed": self.slots_changed,
             "bytes_moved": self.bytes_moved,
             "plan": self.plan,
+            "ready_incarnation": {str(r): inc for r, inc in sorted(self.ready_incarnation.items())},
         }
 
 
@@ -171,6 +175,7 @@ class RolloutController:
         self._clock = clock
         self._mono = mono
         self._timers: dict[str, asyncio.Task[None]] = {}
+        self.on_store_error: Callable[[StoreError], None] | None = None
 
     # -- messages --------------------------------------------------------------------------
 
@@ -248,7 +253,38 @@ class RolloutController:
         )
         return rollout
 
+    def resume(self, dep: Deployment, rollout: Rollout) -> None:
+        """Takes over ``rollout`` (in flight, restored from the store) with a fresh timeout."""
+        self.telemetry.rollouts_in_progress.inc()
+        rollout.started_mono = self._mono()
+        self._timers[rollout.id] = asyncio.create_task(
+            self._expire(dep, rollout), name=f"rollout-timeout-{rollout.id}"
+        )
+        log.warning(
+            "rollout %s (%s v%d -> v%d, %s) resumed from the store: ranks get the plan again "
+            "when they reconnect; it times out in %gs",
+            rollout.id, dep.name, rollout.from_version, rollout.version, rollout.state.value,
+            rollout.timeout_s,
+        )
+
+    def abandon(self, in_flight: int) -> None:
+        """Stops every timer without writing (this replica stopped leading: the next leader
+        resumes the ``in_flight`` rollouts from the store)."""
+        for timer in self._timers.values():
+            if timer is not asyncio.current_task():
+                timer.cancel()
+        self._timers.clear()
+        self.telemetry.rollouts_in_progress.dec(in_flight)
+
     async def _expire(self, dep: Deployment, rollout: Rollout) -> None:
+        try:
+            await self._expire_after_timeout(dep, rollout)
+        except StoreError as exc:
+            if self.on_store_error is None:
+                raise
+            self.on_store_error(exc)
+
+    async def _expire_after_timeout(self, dep: Deployment, rollout: Rollout) -> None:
         await asyncio.sleep(rollout.timeout_s)
         self._timers.pop(rollout.id, None)
         if rollout is not dep.rollout or not rollout.in_flight:

@@ -10,8 +10,10 @@ store at the points where durable state changes:
   ``tokens_total``), *before* the report is acknowledged, so an acknowledged report is durable.
 
 On start the service rebuilds its deployments from :meth:`Store.load_deployments` and friends.
-:class:`MemoryStore` is the zero-set-up default (nothing survives the process); a Redis store
-(issue 7) implements the same protocol, making the writes that belong together atomic. The load
+:class:`MemoryStore` is the zero-set-up default (nothing survives the process);
+:class:`eplb_service.redis_store.RedisStore` implements the same protocol on Redis, making the
+writes that belong together atomic and fencing them with the leader lease (docs/decisions/0008).
+Store failures raise :class:`StoreError`. The load
 window itself is not written per report: a durable store snapshots it periodically
 (:meth:`Store.save_window`), bounding what a restart loses to one snapshot interval.
 """
@@ -28,6 +30,19 @@ from eplb_service.config import DeploymentOptions
 from eplb_service.placement import Topology
 
 IntArray = npt.NDArray[np.int64]
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the service must not trust its in-memory state
+    any more than what the store holds (it steps down and reloads when the store is back)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store does not answer (connection refused, timeout, ...)."""
+
+
+class StoreFenced(StoreError):
+    """A write was refused because this replica no longer holds the leader lease."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +95,10 @@ class Store(Protocol):
 
     async def commit_report(
         self, deployment: str, incarnation: str, sequence: int, tokens: int
-    ) -> None:
-        """Records that report ``sequence`` of ``incarnation`` was counted with ``tokens``."""
+    ) -> bool:
+        """Records that report ``sequence`` of ``incarnation`` was counted with ``tokens``,
+        atomically with the deduplication check: False (nothing changed) when the store already
+        counted a sequence >= ``sequence`` of ``incarnation``."""
         ...
 
     async def forget_incarnations(self, deployment: str, incarnations: list[str]) -> None:
@@ -145,10 +162,13 @@ class MemoryStore:
 
     async def commit_report(
         self, deployment: str, incarnation: str, sequence: int, tokens: int
-    ) -> None:
+    ) -> bool:
         state = self._ingest.setdefault(deployment, IngestState())
+        if state.last_sequence.get(incarnation, 0) >= sequence:
+            return False
         state.last_sequence[incarnation] = sequence
         state.tokens_total += tokens
+        return True
 
     async def forget_incarnations(self, deployment: str, incarnations: list[str]) -> None:
         state = self._ingest.get(deployment)

@@ -28,6 +28,11 @@ REJECT_REASONS = (
     "shape_mismatch",  # hello shape differs from the registered deployment
     "placement_mismatch",  # hello placement differs from the registered map of its version
     "protocol",  # message out of order (report before hello, second hello, ...)
+    "rate_limited",  # a rank above max_reports_per_s
+    "limit",  # a deployment above max_layers/max_experts/max_slots, or max_deployments reached
+    "not_leader",  # this replica is a follower
+    "store",  # the store did not answer
+    "unauthenticated",  # missing or wrong bearer token
     "other",
 )
 
@@ -147,6 +152,31 @@ class Telemetry:
             ["deployment"],
             registry=r,
         )
+
+        self.leader = Gauge(
+            "eplb_leader",
+            "1 while this replica holds the leader lease (always 1 with the memory store).",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "eplb_store_up", "1 while the store answers, 0 after a failed call.", registry=r
+        )
+        self.store_up.set(1)
+        self.store_errors = Counter(
+            "eplb_store_errors", "Failed store calls (each makes this replica step down).",
+            registry=r,
+        )
+        self.leader_changes = Counter(
+            "eplb_leader_acquired", "Times this replica acquired the leader lease.", registry=r
+        )
+        self.auth_failures = Counter(
+            "eplb_auth_failures",
+            "Requests refused for a missing or wrong bearer token, by transport.",
+            ["transport"],
+            registry=r,
+        )
+        for transport in ("grpc", "http"):
+            self.auth_failures.labels(transport)
 
     def forget_deployment(self, name: str) -> None:
         """Drops every series labelled with ``name``."""

@@ -423,3 +423,9 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 10.0) ->
 def http() -> Callable[..., tuple[int, Any]]:
     """``http(method, url, body=None)`` -> (status, JSON body)."""
     return http_json
+
+
+# ------------------------------------------------------------------------------------------
+# Redis (issue 7): a real redis-server per test, see tests/redis_server.py
+
+from tests.redis_server import redis_server  # noqa: E402,F401  (fixture re-export)

@@ -16,13 +16,16 @@ from eplb_service import config
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve",
+        # No abbreviations: "--token SECRET" must be an error, not "--token-file SECRET".
+        allow_abbrev=False,
         help="run the eplb service (gRPC for agents, REST, /metrics)",
         description=(
             "Run the eplb control plane: agents stream load over gRPC, operators use REST "
             "(OpenAPI at /docs) and Prometheus scrapes /metrics. Every flag can also be set "
             "with the environment variable named in its help, or in --config FILE (JSON, or "
             "TOML on Python >= 3.11) with the flag's name in snake_case as key. Priority: "
-            "flag > environment > file > default. SIGTERM/SIGINT shut down gracefully."
+            "flag > environment > file > default. SIGTERM/SIGINT shut down gracefully. "
+            "The bearer token comes from EPLB_TOKEN or --token-file, never from a flag."
         ),
     )
     config.add_arguments(parser)
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = config.from_args(args)
+        settings.bearer_token()  # a bad token_file fails here, with a one-line error
     except config.ConfigError as exc:
         raise UsageError(str(exc)) from None
 
