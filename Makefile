@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check proto proto-check venv clean redis
+.PHONY: demo test check proto proto-check venv clean sysdeps
 # The pinned protobuf code generator lives in its own venv (see proto/generate.py).
 PROTO_VENV := .venv-proto
 PROTO_STAMP := $(PROTO_VENV)/.installed
@@ -40,12 +40,18 @@ check: $(STAMP) proto-check
 	$(BIN)/ruff check eplb_service worker_agent eplb_engine tests benchmarks proto
 	$(BIN)/mypy
 
-# The Redis tests start their own redis-server; install Debian's package when it is missing.
-redis:
-	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+# Servers the tests start themselves: redis-server (store, HA) and prometheus + promtool
+# (metrics scrape). Debian's packages, installed only when missing.
+SYSDEPS := redis-server:redis-server prometheus:prometheus promtool:prometheus
+sysdeps:
+	@missing=$$(for dep in $(SYSDEPS); do command -v $${dep%%:*} >/dev/null || echo $${dep##*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing $$missing"; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
-test: $(STAMP) check redis
+test: $(STAMP) check sysdeps
 	$(BIN)/python -m pytest
 
 clean:

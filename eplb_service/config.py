@@ -278,6 +278,13 @@ class Settings:
         _parse_float,
     )
     log_level: str = _setting("info", f"one of {', '.join(LOG_LEVELS)}", _parse_str)
+    per_layer_metrics: bool = _setting(
+        False,
+        "export eplb_layer_balancedness{deployment,layer} on /metrics (L series per deployment; "
+        "off by default to bound cardinality; per-expert load is at GET "
+        "/v1/deployments/NAME/experts, never in metrics)",
+        _parse_bool, metavar="BOOL",
+    )
     # Durable state and high availability (issue 7; docs/decisions/0008-durable-state-and-ha.md)
     store: str = _setting(
         "memory",

@@ -501,6 +501,7 @@ class ControlPlane:
             EplbError: INVALID_ARGUMENT (sequence 0, steps, dtype, shape, length, negative),
                 FAILED_PRECONDITION (stale or future placement version).
         """
+        arrived = time.perf_counter()
         dep = self._dep_of(link)
         self._rate_limit(dep, link.rank)
         seq = report.sequence
@@ -567,6 +568,7 @@ class ControlPlane:
         if evicted:
             await self.store.forget_incarnations(dep.name, evicted)
         link.outbox.send(eplb_pb2.ServiceMessage(ack=eplb_pb2.Ack(sequence=seq)))
+        self.telemetry.report_ingest_seconds.observe(time.perf_counter() - arrived)
 
     def _dep_of(self, link: AgentLink) -> Deployment:
         """The deployment of an open stream; UNAVAILABLE once the stream was closed (e.g. this

@@ -12,7 +12,6 @@ invalid map (one line from the placement validator).
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import time
@@ -148,6 +147,26 @@ class LoadView(BaseModel):
     load: list[list[int]] = Field(description="[layers][experts] tokens in the window")
     balancedness_per_layer: list[float] = Field(description="[layers] under the active placement")
     balancedness: Balancedness | None
+
+
+class ExpertsView(BaseModel):
+    """Per-expert detail that metrics never carry (docs/decisions/0009-metrics-cardinality.md)."""
+
+    deployment: str
+    active_version: int
+    window_s: float
+    layers: list[int] = Field(description="the layers returned (all, or the one asked for)")
+    load: list[list[int]] = Field(description="[layers][experts] tokens in the window")
+    replicas: list[list[int]] = Field(
+        description="[layers][experts] replicas (slots) under the active placement (>= 1)"
+    )
+    load_per_replica: list[list[float]] = Field(
+        description="[layers][experts] load / replicas: what each replica serves"
+    )
+    slots: list[list[list[int]]] = Field(
+        description="[layers][experts] the slots holding the expert (rank = slot // S)"
+    )
+    balancedness_per_layer: list[float] = Field(description="[layers] under the active placement")
 
 
 class RebalanceBody(BaseModel):
@@ -469,21 +488,11 @@ def create_app(
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def metrics(control: Control) -> Response:
         """Prometheus text format."""
-        now = clock()
         t = control.telemetry
-        for dep in control.deployments.values():
-            balance = dep.balance()
-            if balance is None:
-                for gauge in (t.balancedness, t.balancedness_worst, t.imbalance_ratio):
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(dep.name)
-            else:
-                t.balancedness.labels(dep.name).set(balance.mean)
-                t.balancedness_worst.labels(dep.name).set(balance.worst)
-                t.imbalance_ratio.labels(dep.name).set(balance.imbalance_mean)
-            age = _age(dep.last_report_at, now)
-            if age is not None:
-                t.last_report_age.labels(dep.name).set(age)
+        t.refresh(
+            control.deployments.values(), now=clock(),
+            per_layer=control.settings.per_layer_metrics,
+        )
         return Response(t.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/deployments", response_model=DeploymentList, tags=["deployments"])
@@ -590,6 +599,38 @@ def create_app(
             load=load.tolist(),
             balancedness_per_layer=per_layer,
             balancedness=_balance_view(balance),
+        )
+
+    @app.get(
+        "/v1/deployments/{name}/experts", response_model=ExpertsView, tags=["deployments"],
+        responses={**_ERRORS, 422: {"model": ErrorBody, "description": "layer out of range"}},
+    )
+    async def get_experts(name: str, control: Control, layer: int | None = None) -> ExpertsView:
+        """Per-layer, per-expert window load and replica count under the active placement
+        (``?layer=N`` for one layer). Per-expert data lives here, never in /metrics."""
+        dep = control.get(name)
+        num_layers = dep.topology.num_layers
+        if layer is not None and not 0 <= layer < num_layers:
+            raise EplbError(
+                Code.INVALID_ARGUMENT, f"layer: {layer} is not in 0..{num_layers - 1}", "layer"
+            )
+        layers = list(range(num_layers)) if layer is None else [layer]
+        load = dep.window.total()[layers]
+        placement = dep.active_placement
+        replicas = placement.logcnt[layers]
+        log2phy = placement.log2phy[layers]
+        balance = dep.balance()
+        per_layer = [1.0] * num_layers if balance is None else balance.per_layer.tolist()
+        return ExpertsView(
+            deployment=dep.name,
+            active_version=dep.active_version,
+            window_s=dep.window.span_s,
+            layers=layers,
+            load=load.tolist(),
+            replicas=replicas.tolist(),
+            load_per_replica=(load / replicas).tolist(),
+            slots=[[[int(x) for x in row if x >= 0] for row in lay] for lay in log2phy.tolist()],
+            balancedness_per_layer=[per_layer[i] for i in layers],
         )
 
     @app.post(
