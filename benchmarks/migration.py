@@ -1,0 +1,373 @@
+"""Weight migration benchmark: throughput against plain send/recv, and the pause per rebalance.
+
+    # CPU, gloo, small experts (2 ranks spawned here):
+    .venv/bin/python benchmarks/migration.py --quick
+    # 2 GPUs, NCCL, DeepSeek-V3 FP8 experts (3 x 7168 x 2048 bytes = 44 MB):
+    torchrun --standalone --nproc-per-node 2 benchmarks/migration.py --backend nccl
+    # (or without torchrun: .venv/bin/python benchmarks/migration.py --backend nccl)
+
+**Throughput.** Every rank holds ``--slots`` expert slots of ``--tp-layers`` layers, each expert
+three ``[hidden, ffn]`` byte matrices (w1, w2, w3: FP8). The new map rotates ``--moves`` experts
+per layer around the ring: rank ``r`` sends ``M`` experts to ``r+1`` and receives ``M`` from
+``r-1`` (for 2 ranks: a bidirectional swap), no local copies. Timed (max over ranks, median of
+``--iters`` after ``--warmup``):
+
+- ``plain``: one ``batch_isend_irecv`` of one contiguous buffer of the same bytes each way, into
+  a separate buffer (the best case the transport offers);
+- ``migrate_layer``: :meth:`ExpertWeights.migrate_layer` of one layer (pre-flight all-reduce,
+  P2P into staging, status all-reduce, in-place commit, synchronized);
+- ``migrate``: :meth:`ExpertWeights.migrate` of all ``--tp-layers`` layers (on CUDA a layer's
+  commit overlaps the next layer's transfers), against ``plain`` of the same total bytes.
+
+Ratio = plain time / migration time for the same bytes (1.0 = as fast as the raw transport).
+
+**Pause per rebalance.** ``--layers`` layers of ``--slots`` slots per rank, ``E = P - R``
+experts; the new map swaps a ``--churn`` fraction of slots between random ranks (contents keep
+every expert). With ``--layers-per-step N`` (several values allowed; 0 = all layers at once) the
+rebalance moves N layers per forward step: reported are the steps, the longest pause of one step
+(max over ranks of ``ExpertWeights.migrate`` on that step's layers) and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eplb_engine.launch import spawn_ranks
+from worker_agent.migration import ExpertWeights
+from worker_agent.transfers import plan_transfers
+
+MiB = 1 << 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    p.add_argument("--quick", action="store_true", help="small experts, few layers (CPU smoke)")
+    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn (no torchrun)")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--moves", type=int, nargs="+", default=[1, 4, 8],
+                   help="experts each rank receives per layer (throughput)")
+    p.add_argument("--tp-layers", type=int, default=4, help="layers in the multi-layer run")
+    p.add_argument("--slots", type=int, default=9, help="slots per rank")
+    p.add_argument("--layers", type=int, default=58, help="layers of the rebalance")
+    p.add_argument("--churn", type=float, default=0.25, help="fraction of slots rewritten")
+    p.add_argument("--layers-per-step", type=int, nargs="+", default=[0, 1, 4],
+                   help="layers moved per forward step (0 = all at once)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--markdown", type=Path, help="also write the tables here")
+    args = p.parse_args(argv)
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        quick = {"hidden": 1024, "ffn": 512, "moves": [1, 4], "tp_layers": 2, "slots": 4,
+                 "layers": 4, "layers_per_step": [0, 1], "iters": 15, "warmup": 3}
+        for key, value in quick.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    if max(args.moves) > args.slots:
+        args.slots = max(args.moves)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# timing helpers (every rank calls them alike)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Any, device: torch.device) -> float:
+    """Max over ranks of ``fn()``'s wall time, started together after a barrier."""
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    took = torch.tensor([time.perf_counter() - t0], dtype=torch.float64,
+                        device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took.item())
+
+
+def _median(fn: Any, device: torch.device, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        _timed(fn, device)
+    return statistics.median(_timed(fn, device) for _ in range(iters))
+
+
+def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
+           rank: int) -> ExpertWeights:
+    weights = ExpertWeights(slots)
+    for layer in range(layers):
+        weights.register_layer(layer, {
+            name: torch.full((slots, hidden, ffn), (rank * 7 + layer) % 251, dtype=torch.uint8,
+                             device=device)
+            for name in ("w1", "w2", "w3")
+        })
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# the two measurements
+
+
+def _ring_maps(layers: int, world: int, slots: int, moves: int) -> tuple[np.ndarray, np.ndarray]:
+    """Old map: rank r holds experts [r*S, (r+1)*S). New: each rank's first ``moves`` experts
+    move to the next rank's first ``moves`` slots."""
+    old = np.arange(world * slots, dtype=np.int64)
+    new = old.copy()
+    for r in range(world):
+        prev = (r - 1) % world
+        new[r * slots:r * slots + moves] = old[prev * slots:prev * slots + moves]
+    return np.tile(old, (layers, 1)), np.tile(new, (layers, 1))
+
+
+class _Flip:
+    """Migrates back and forth between two maps (so every call moves the same bytes)."""
+
+    def __init__(self, weights: ExpertWeights, old: np.ndarray, new: np.ndarray,
+                 world: int) -> None:
+        self.weights = weights
+        self.plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
+        self.layer0 = 0  # plans[layer0] applies to layer 0 next
+        self.rest = 0  # plans[rest] applies to the other layers next
+
+    def one_layer(self) -> None:
+        self.weights.migrate_layer(0, self.plans[self.layer0][0])
+        self.layer0 ^= 1
+
+    def all_layers(self) -> None:
+        if self.layer0 != self.rest:
+            self.one_layer()  # untimed alignment happens only between measurements
+        report = self.weights.migrate(self.plans[self.rest])
+        assert not report.failed, report.failed
+        self.layer0 ^= 1
+        self.rest ^= 1
+
+
+def _throughput(rank: int, world: int, args: argparse.Namespace,
+                device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    expert = 3 * args.hidden * args.ffn
+    for moves in args.moves:
+        weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank)
+        flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world)
+        t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
+        if flip.layer0 != flip.rest:
+            flip.one_layer()  # align layer 0 with the others before timing all layers
+        t_all = _median(flip.all_layers, device, max(2, args.iters // 2), 1)
+        del weights, flip
+        t_plain1 = _median(_plain(rank, world, moves * expert, device), device, args.iters,
+                           args.warmup)
+        t_plain_all = _median(_plain(rank, world, args.tp_layers * moves * expert, device),
+                              device, max(2, args.iters // 2), 1)
+        one = moves * expert
+        rows.append({
+            "moves": moves,
+            "expert_mib": expert / MiB,
+            "mib_each_way": one / MiB,
+            "plain_ms": t_plain1 * 1e3,
+            "plain_gbps": one / t_plain1 / 1e9,
+            "layer_ms": t_layer * 1e3,
+            "layer_gbps": one / t_layer / 1e9,
+            "layer_ratio": t_plain1 / t_layer,
+            "layers": args.tp_layers,
+            "plain_all_ms": t_plain_all * 1e3,
+            "migrate_all_ms": t_all * 1e3,
+            "migrate_all_gbps": args.tp_layers * one / t_all / 1e9,
+            "all_ratio": t_plain_all / t_all,
+        })
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _plain(rank: int, world: int, nbytes: int, device: torch.device) -> Any:
+    send = torch.full((nbytes,), rank % 251, dtype=torch.uint8, device=device)
+    recv = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    nxt, prev = (rank + 1) % world, (rank - 1) % world
+
+    def run() -> None:
+        ops = [dist.P2POp(dist.isend, send, group_peer=nxt),
+               dist.P2POp(dist.irecv, recv, group_peer=prev)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    return run
+
+
+def _swap_map(rng: np.random.Generator, layers: int, world: int, slots: int,
+              churn: float) -> tuple[np.ndarray, np.ndarray]:
+    """Old map: E = P - R experts, every expert once plus R replicas; new: ``churn * P / 2``
+    random cross-rank slot swaps per layer."""
+    num_slots = world * slots
+    experts = num_slots - world
+    old = np.empty((layers, num_slots), dtype=np.int64)
+    for layer in range(layers):
+        old[layer] = rng.permutation(np.concatenate([np.arange(experts),
+                                                     rng.integers(0, experts, world)]))
+    new = old.copy()
+    swaps = max(1, round(churn * num_slots / 2))
+    for layer in range(layers):
+        done = 0
+        while done < swaps:
+            a, b = rng.integers(0, num_slots, 2)
+            if a // slots != b // slots and new[layer, a] != new[layer, b]:
+                new[layer, [a, b]] = new[layer, [b, a]]
+                done += 1
+    return old, new
+
+
+def _pause(rank: int, world: int, args: argparse.Namespace,
+           device: torch.device) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(args.seed)  # the same maps on every rank
+    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
+    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank)
+    forward, backward = plan_transfers(old, new, world), plan_transfers(new, old, world)
+    rows = []
+    fwd = True
+    for per_step in args.layers_per_step:
+        chunk = per_step or args.layers
+        pauses, totals = [], []
+        for rep in range(max(2, args.iters // 2) + 1):
+            plan = forward if fwd else backward
+            fwd = not fwd
+            step_pauses = []
+            for lo in range(0, args.layers, chunk):
+                layers = list(range(lo, min(lo + chunk, args.layers)))
+                step_pauses.append(_timed(lambda ls=layers, p=plan: _checked(weights, p, ls),
+                                          device))
+            if rep:  # the first is warm-up
+                pauses.append(max(step_pauses))
+                totals.append(sum(step_pauses))
+        mine = sum(len(lt.receives(rank)) for lt in forward)
+        rows.append({
+            "layers_per_step": per_step,
+            "steps": -(-args.layers // chunk),
+            "max_pause_ms": statistics.median(pauses) * 1e3,
+            "total_ms": statistics.median(totals) * 1e3,
+            "transfers": forward.num_transfers,
+            "local_copies": forward.num_local_copies,
+            "mib_received_rank": mine * 3 * args.hidden * args.ffn / MiB,
+        })
+    return rows
+
+
+def _checked(weights: ExpertWeights, plan: Any, layers: list[int]) -> None:
+    report = weights.migrate(plan, layers=layers)
+    assert not report.failed, report.failed
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def bench(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Both measurements on this rank (torch.distributed is up); rank 0 returns the results."""
+    device = (torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl"
+              else torch.device("cpu"))
+    throughput = _throughput(rank, world, args, device)
+    pause = _pause(rank, world, args, device)
+    if rank:
+        return None
+    return {
+        "command": " ".join(["benchmarks/migration.py", *sys.argv[1:]]),
+        "backend": args.backend,
+        "world_size": world,
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "expert_bytes": 3 * args.hidden * args.ffn,
+        "throughput": throughput,
+        "pause": pause,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"Command: `{res['command']}`  ",
+        f"Backend {res['backend']}, {res['world_size']} ranks, {res['device']}, torch "
+        f"{res['torch']}, expert {res['expert_bytes'] / MiB:.1f} MiB (3 byte matrices).",
+        "",
+        "| moves/rank | MiB each way | plain ms | plain GB/s | migrate_layer ms | GB/s | ratio "
+        "| layers | plain ms | migrate ms | GB/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["throughput"]:
+        lines.append(
+            f"| {r['moves']} | {r['mib_each_way']:.1f} | {r['plain_ms']:.3f} | "
+            f"{r['plain_gbps']:.2f} | {r['layer_ms']:.3f} | {r['layer_gbps']:.2f} | "
+            f"{r['layer_ratio']:.2f} | {r['layers']} | {r['plain_all_ms']:.3f} | "
+            f"{r['migrate_all_ms']:.3f} | {r['migrate_all_gbps']:.2f} | {r['all_ratio']:.2f} |"
+        )
+    cfg = res["config"]
+    lines += [
+        "",
+        f"Pause per rebalance: {cfg['layers']} layers x {cfg['slots']} slots/rank, churn "
+        f"{cfg['churn']}.",
+        "",
+        "| layers/step | steps | longest pause ms | total ms | transfers | local copies "
+        "| MiB received (rank 0) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["pause"]:
+        lines.append(
+            f"| {r['layers_per_step'] or 'all'} | {r['steps']} | {r['max_pause_ms']:.2f} | "
+            f"{r['total_ms']:.2f} | {r['transfers']} | {r['local_copies']} | "
+            f"{r['mib_received_rank']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        kwargs: dict[str, Any] = {}
+        if args.backend == "nccl":
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            torch.cuda.set_device(local)
+            kwargs["device_id"] = torch.device("cuda", local)
+        dist.init_process_group(args.backend, **kwargs)
+        try:
+            res = bench(rank, world, args)
+        finally:
+            dist.destroy_process_group()
+    else:
+        res = spawn_ranks(bench, args.world_size, args, backend=args.backend, timeout_s=1800,
+                          threads_per_rank=1,
+                          start_method="spawn" if args.backend == "nccl" else "forkserver")[0]
+    if res is None:
+        return 0
+    text = markdown(res)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

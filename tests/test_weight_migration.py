@@ -1,0 +1,257 @@
+"""Expert weight migration (worker_agent.migration) across real gloo ranks.
+
+Every rank holds, per layer, tensors of several dtypes and shapes (``[S, ...]``); slot ``s``
+of a layer holds expert ``e``'s bytes, a deterministic function of (layer, expert, tensor). After
+a migration the tensors must hold exactly the new map's experts, at the same addresses; after a
+failure, the failed layer must be untouched on every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_engine.launch import spawn_ranks
+from eplb_engine.placement import random_placement
+from worker_agent.migration import ExpertWeights, MigrationError
+from worker_agent.transfers import plan_transfers
+
+L, E, S = 3, 5, 3
+TENSORS: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+    "w13": ((4, 3), torch.float32),
+    "w2": ((3, 4), torch.bfloat16),
+    "scale": ((), torch.float8_e4m3fn),  # [S]: one value per expert
+    "meta": ((2,), torch.int64),
+}
+
+
+def expert_tensor(layer: int, expert: int, name: str) -> torch.Tensor:
+    shape, dtype = TENSORS[name]
+    gen = torch.Generator().manual_seed(1000 * layer + 10 * expert + len(name))
+    if dtype == torch.int64:
+        return torch.randint(0, 1 << 40, shape, generator=gen)
+    return (torch.rand(shape, generator=gen) * 4 + expert).to(dtype)
+
+
+def build(rank: int, phy2log: np.ndarray) -> ExpertWeights:
+    weights = ExpertWeights(S)
+    for layer in range(L):
+        mine = phy2log[layer, rank * S:(rank + 1) * S]
+        weights.register_layer(layer, {
+            name: torch.stack([expert_tensor(layer, int(e), name) for e in mine]).contiguous()
+            for name in TENSORS
+        })
+    return weights
+
+
+def mismatches(weights: ExpertWeights, rank: int, phy2log: np.ndarray,
+               layers: Any = range(L)) -> list[tuple[int, int, str]]:
+    bad = []
+    for layer in layers:
+        tensors = weights.tensors(layer)
+        for j in range(S):
+            e = int(phy2log[layer, rank * S + j])
+            for name in TENSORS:
+                got, want = tensors[name][j], expert_tensor(layer, e, name)
+                if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                    bad.append((layer, rank * S + j, name))
+    return bad
+
+
+def pointers(weights: ExpertWeights) -> list[int]:
+    return [t.data_ptr() for layer in range(L) for t in weights.tensors(layer).values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# rank workers (run in spawned processes)
+
+
+def _chain(rank: int, world: int, seed: int, hops: int, nodes: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)  # the same maps on every rank
+    maps = [random_placement(rng, L, E, world * S) for _ in range(hops + 1)]
+    maps[2][1] = maps[1][1]  # layer 1 does not change in the second hop
+    maps.append(np.roll(maps[-1], S, axis=1))  # every rank takes its left neighbour's slots:
+    # runs of consecutive source slots, sent as one op per tensor
+    weights = build(rank, maps[0])
+    before = pointers(weights)
+    out: dict[str, Any] = {"bad": [], "failed": [], "bytes": 0, "copies": 0, "layers": []}
+    for old, new in itertools.pairwise(maps):
+        plan = plan_transfers(old, new, world, nodes)
+        report = weights.migrate(plan)
+        out["failed"].append(dict(report.failed))
+        out["layers"].append(list(report.applied_layers))
+        out["bad"].append(mismatches(weights, rank, new))
+        out["bytes"] += report.bytes_received
+        out["copies"] += report.local_copies
+        expert = weights.expert_bytes(0)
+        mine = sum(len(plan[lyr].receives(rank)) for lyr in range(L))
+        assert report.bytes_received == mine * expert
+    out["pointers_kept"] = pointers(weights) == before
+    # An empty layer migrates as a no-op (every rank still makes the collectives).
+    stats = weights.migrate_layer(0, plan_transfers(maps[-1], maps[-1], world, nodes)[0])
+    out["noop"] = (stats.transfers_received, stats.slots_written)
+    return out
+
+
+def _failures(rank: int, world: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    old, new, other = (random_placement(rng, L, E, world * S) for _ in range(3))
+    plan = plan_transfers(old, new, world)
+    weights = build(rank, old)
+    before = pointers(weights)
+    out: dict[str, Any] = {}
+
+    def fail_rank1_layer1(layer: int, phase: str) -> None:
+        if rank == 1 and layer == 1 and phase == "received":
+            raise RuntimeError("injected: checksum mismatch")
+
+    # 1. Several layers, one fails (on rank 1 only): every rank agrees, the others apply.
+    report = weights.migrate(plan, fault=fail_rank1_layer1)
+    out["applied"] = list(report.applied_layers)
+    out["failed"] = sorted(report.failed)
+    out["failed_msg"] = report.failed.get(1, "")
+    out["layer1_untouched"] = mismatches(weights, rank, old, [1]) == []
+    out["others_moved"] = mismatches(weights, rank, new, [0, 2]) == []
+
+    # 2. The same failure through migrate_layer: the error says where and why.
+    try:
+        weights.migrate_layer(1, plan[1], fault=lambda phase: fail_rank1_layer1(1, phase))
+        out["error"] = None
+    except MigrationError as exc:
+        out["error"] = (exc.phase, exc.failed_rank, exc.reason)
+    out["layer1_still_old"] = mismatches(weights, rank, old, [1]) == []
+
+    # 3. Ranks disagree on the plan (rank 0 plans for another map): refused before any byte.
+    current = new.copy()
+    current[1] = old[1]
+    wrong = plan_transfers(current, other if rank == 0 else new, world)
+    try:
+        weights.migrate_layer(1, wrong[1])
+        out["mismatch"] = None
+    except MigrationError as exc:
+        out["mismatch"] = (exc.phase, exc.reason)
+
+    # 4. One rank cannot take part (the last passes another layer's list): refused by all.
+    try:
+        weights.migrate_layer(1, plan[2] if rank == world - 1 else plan[1])
+        out["not_ready"] = None
+    except MigrationError as exc:
+        out["not_ready"] = (exc.phase, exc.failed_rank)
+    out["still_old_after_refusals"] = mismatches(weights, rank, old, [1]) == []
+
+    # 5. The group is healthy: the layer migrates now.
+    weights.migrate_layer(1, plan[1])
+    out["final_ok"] = mismatches(weights, rank, new) == []
+    out["pointers_kept"] = pointers(weights) == before
+    return out
+
+
+def _timeout(rank: int, world: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    old, new = (random_placement(rng, L, E, world * S) for _ in range(2))
+    plan = plan_transfers(old, new, world)
+    layer = max(range(L), key=lambda lyr: len(plan[lyr].transfers))
+    weights = build(rank, old)
+
+    def late(phase: str) -> None:
+        if rank == 1 and phase == "post":
+            time.sleep(2.0)  # rank 1 posts long after the others gave up
+
+    start = time.monotonic()
+    try:
+        weights.migrate_layer(layer, plan[layer], timeout_s=0.5, fault=late)
+        error = None
+    except MigrationError as exc:
+        error = exc.phase
+    return {
+        "error": error,
+        "seconds": time.monotonic() - start,
+        "untouched": mismatches(weights, rank, old) == [],
+        "transfers": len(plan[layer].transfers),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.parametrize(("world", "nodes"), [(2, 1), (4, 2)])
+def test_random_migrations_move_exactly_the_new_map(world: int, nodes: int) -> None:
+    results = spawn_ranks(_chain, world, 11 + world, 3, nodes, timeout_s=90)
+    for rank, out in enumerate(results):
+        assert out["failed"] == [{}] * 4, rank
+        assert out["bad"] == [[]] * 4, rank
+        assert out["pointers_kept"], rank
+        assert 1 not in out["layers"][1]  # unchanged layer skipped
+        assert out["noop"] == (0, 0)
+    assert sum(out["bytes"] for out in results) > 0
+
+
+def test_failure_on_one_rank_leaves_the_layer_untouched_everywhere() -> None:
+    results = spawn_ranks(_failures, 3, 5, timeout_s=90)
+    for rank, out in enumerate(results):
+        assert out["applied"] == [0, 2] and out["failed"] == [1], rank
+        assert "rank 1" in out["failed_msg"] and "not modified" in out["failed_msg"]
+        assert out["layer1_untouched"] and out["others_moved"], rank
+        phase, failed_rank, reason = out["error"]
+        assert (phase, failed_rank) == ("transfer", 1), rank
+        # Only the failing rank knows the local reason; everyone knows who failed.
+        assert ("checksum mismatch" in (reason or "")) == (rank == 1)
+        assert out["layer1_still_old"], rank
+        assert out["mismatch"] == ("preflight", "ranks computed different plans"), rank
+        assert out["not_ready"] == ("preflight", 2), rank
+        assert out["still_old_after_refusals"], rank
+        assert out["final_ok"] and out["pointers_kept"], rank
+
+
+def test_timeout_fails_every_rank_without_writing() -> None:
+    results = spawn_ranks(_timeout, 2, 3, timeout_s=60, pg_timeout_s=5)
+    assert results[0]["transfers"] > 0
+    for out in results:
+        assert out["error"] in ("transfer", "status")
+        assert out["untouched"]
+        assert out["seconds"] < 10
+
+
+def test_local_copies_in_one_process() -> None:
+    """Without torch.distributed: a 1-rank group; swaps need staging, in place."""
+    old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
+    new = np.array([[1, 0, 2], [2, 2, 1], [0, 1, 2]])
+    weights = ExpertWeights(S)
+    for layer in range(L):
+        weights.register_layer(layer, {
+            name: torch.stack([expert_tensor(layer, int(e), name) for e in old[layer]])
+            for name in TENSORS
+        })
+    ptrs = [t.data_ptr() for lyr in range(L) for t in weights.tensors(lyr).values()]
+    plan = plan_transfers(old, new, 1)
+    report = weights.migrate(plan)
+    assert report.applied_layers == (0, 1) and not report.failed
+    assert report.bytes_received == 0 and report.local_copies == 4
+    eb = weights.expert_bytes(0)
+    assert [s.bytes_staged for s in report.applied] == [2 * eb, eb]  # swap; slot 1 -> slot 2
+    assert mismatches(weights, 0, new) == []
+    assert ptrs == [t.data_ptr() for lyr in range(L) for t in weights.tensors(lyr).values()]
+
+
+def test_registry_checks() -> None:
+    weights = ExpertWeights(2)
+    with pytest.raises(ValueError, match="expected shape"):
+        weights.register(0, "w", torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        weights.register(0, "w", torch.zeros(4, 2).T)
+    weights.register(0, "w", torch.zeros(2, 4))
+    weights.register(0, "s", torch.zeros(2, dtype=torch.float16))
+    assert weights.layers == (0,)
+    assert weights.expert_bytes(0) == 4 * 4 + 2
+    # Unknown layer: refused in pre-flight (a 1-rank group here).
+    plan = plan_transfers([[0, 1]], [[1, 0]], 1)
+    with pytest.raises(MigrationError, match="preflight"):
+        weights.migrate_layer(1, plan[0])
+    with pytest.raises(MigrationError, match="transfers are for layer 1, not 0"):
+        weights.migrate_layer(0, plan_transfers([[0, 1], [0, 1]], [[0, 1], [1, 0]], 1)[1])
