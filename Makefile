@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The live demo: the service and a 4-rank CPU MoE engine, rebalanced while it serves.
 demo: $(STAMP)
-	$(BIN)/eplb plan --load eplb_service/data/sample_load.npy --num-slots 80 --num-ranks 8 --num-nodes 2 --num-groups 8 --expert-bytes 44040192
+	$(BIN)/eplb demo
 
 $(PROTO_STAMP): proto/generate.py
 	test -x $(PROTO_VENV)/bin/python || $(PY) -m venv $(PROTO_VENV)
