@@ -431,3 +431,58 @@ def test_service_plans_with_the_default_policy() -> None:
     # Other policies still go through the dispatcher and are gated in the service.
     ds = service_plan(weight, current, PlanRequest(policy="deepseek", max_moves=0))
     assert not ds.worth_it and "> max_moves 0" in (ds.reason or "")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("kind", ["real", "small ints", "signed ints", "zeros"])
+def test_assignment_is_optimal(size: int, kind: str) -> None:
+    """The batched Hungarian method matches brute force over every permutation."""
+    import itertools
+
+    from eplb_service.policy.assignment import max_assignment
+
+    rng = np.random.default_rng(size * 7 + len(kind))
+    rows = 30
+    if kind == "real":
+        benefit = rng.random((rows, size, size))
+    elif kind == "small ints":
+        benefit = rng.integers(0, 3, (rows, size, size)).astype(np.float64)
+    elif kind == "signed ints":
+        benefit = rng.integers(-5, 5, (rows, size, size)).astype(np.float64)
+    else:
+        benefit = np.zeros((rows, size, size))
+    target = max_assignment(benefit)
+    assert target.shape == (rows, size)
+    assert (np.sort(target, axis=1) == np.arange(size)).all()  # a permutation per row
+    got = benefit[np.arange(rows)[:, None], np.arange(size), target].sum(axis=1)
+    perms = np.array(list(itertools.permutations(range(size))))
+    best = benefit[:, np.arange(size)[None, :], perms].sum(axis=2).max(axis=1)
+    np.testing.assert_allclose(got, best)
+
+
+def test_align_to_keeps_the_most_slots() -> None:
+    """align_to renumbers a fresh plan's ranks to keep as many slots as any renumbering can."""
+    import itertools
+
+    from eplb_service.policy.incremental import align_to
+
+    rng = np.random.default_rng(3)
+    num_rows, num_ranks, per_rank, experts = 20, 5, 2, 6
+    # No rank holds an expert twice (as in every plan): shared experts = keepable slots.
+    current = rng.random((num_rows, num_ranks, experts)).argsort(axis=2)[:, :, :per_rank]
+    fresh = rng.random((num_rows, num_ranks, experts)).argsort(axis=2)[:, :, :per_rank]
+    out = align_to(fresh, current)
+    for x in range(num_rows):
+        # Same ranks (as multisets), only renumbered and reordered.
+        assert sorted(map(sorted, out[x].tolist())) == sorted(map(sorted, fresh[x].tolist()))
+        best = 0
+        for perm in itertools.permutations(range(num_ranks)):
+            kept = 0
+            for a, b in enumerate(perm):
+                left = list(current[x, b])
+                for e in fresh[x, a]:
+                    if e in left:
+                        left.remove(e)
+                        kept += 1
+            best = max(best, kept)
+        assert int((out[x] == current[x]).sum()) == best

@@ -51,6 +51,10 @@ PAIR_ROUNDS = 4
 CANDIDATE_PAIR_ROUNDS = 0
 # Swaps stop this close above the lower bound: closer is invisible in balancedness.
 SETTLE = 2e-4
+# Heavy ranks the polishing swaps work on per step.
+FRESH_LANES = 1
+# Most polishing swaps per row (a count-limited row can creep on for dozens of tiny gains).
+POLISH_MOVES = 16
 
 
 def count_rows(item: I64, num_experts: int) -> I64:
@@ -225,8 +229,21 @@ def plan_fresh(weight: F64, num_slots: int, num_ranks: int) -> tuple[I64, F64]:
         new_counts, _ = cardinality_counts(
             stacked_w, num_slots, num_ranks, level, np.tile(filler, tries)
         )
-        cand, cand_load = greedy_pack(stacked_w, new_counts, num_ranks, CANDIDATE_PAIR_ROUNDS)
-        cand_peak = cand_load.sum(axis=2).max(axis=1).reshape(tries, poor.size)
+        # A level whose counts repeat a lower level's (or the start's) needs no packing.
+        by_try = new_counts.reshape(tries, poor.size, n)
+        fresh_try = ~(by_try == counts[poor][None]).all(axis=2)  # [tries, p]
+        for k in range(1, tries):
+            fresh_try[k] &= ~(by_try[:k] == by_try[k][None]).all(axis=2).any(axis=0)
+        keep = np.flatnonzero(fresh_try.ravel())
+        cand = np.zeros((tries * poor.size, num_ranks, per_rank), dtype=np.int64)
+        cand_load = np.zeros(cand.shape)
+        if keep.size:
+            cand[keep], cand_load[keep] = greedy_pack(
+                stacked_w[keep], new_counts[keep], num_ranks, CANDIDATE_PAIR_ROUNDS
+            )
+        cand_peak = np.where(
+            fresh_try.ravel(), cand_load.sum(axis=2).max(axis=1), np.inf
+        ).reshape(tries, poor.size)
         best = cand_peak.argmin(axis=0)  # [p]
         best_peak = cand_peak[best, np.arange(poor.size)]
         better = best_peak < peak[poor]
@@ -238,7 +255,8 @@ def plan_fresh(weight: F64, num_slots: int, num_ranks: int) -> tuple[I64, F64]:
             load[won], item[won] = balance_pairs(load[won], item[won], PAIR_ROUNDS)
 
     # 3. Polish every row by swaps, down to (just above) the lower bound.
-    load, item, _ = refine_swaps(load, item, bound * (1 + SETTLE))
+    load, item, _ = refine_swaps(load, item, bound * (1 + SETTLE), lanes=FRESH_LANES,
+                                 max_moves=POLISH_MOVES)
     peak = load.sum(axis=2).max(axis=1)
 
     # 4. Two slots per rank and few count vectors: the exact optimum where it is better.

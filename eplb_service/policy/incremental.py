@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from eplb_service.policy.assignment import max_assignment
 from eplb_service.policy.fresh import count_rows, item_loads
 from eplb_service.policy.packing import SwapCosts, SwapLog, held_counts, refine_swaps
-from eplb_service.policy.replication import adjust_counts
+from eplb_service.policy.replication import adjust_counts, water_fill
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -37,8 +38,16 @@ B8 = npt.NDArray[np.bool_]
 
 # The swap search aims this fraction of the tolerance below it, to give choose_points options.
 SEARCH = 0.5
+# Heavy ranks the swap search works on per step (each with its own light partner).
+SEARCH_LANES = 1
+# align_to matches ranks optimally up to this many ranks per row (greedily above).
+OPTIMAL_MATCH_RANKS = 64
+# replan tries the lower bound's goal before any fresh plan from this many slots per rank.
+STAND_IN_MIN_SLOTS = 8
 
-__all__ = ["FreshFn", "Paths", "align_slots", "align_to", "materialize", "replan"]
+__all__ = [
+    "FreshFn", "Paths", "align_slots", "align_to", "materialize", "rank_overlap", "replan",
+]
 
 @dataclass
 class Paths:
@@ -170,15 +179,20 @@ def _attempt(
     """Reassign to ``counts``, then swap toward ``search_goal``; returns staged, log, peaks."""
     staged = _reassign(weight, costs.original, counts, goal, costs)
     load = _slot_loads(weight / counts, staged)
-    load, _, log = refine_swaps(load, staged, search_goal, costs=costs, max_moves=max_moves)
+    load, _, log = refine_swaps(load, staged, search_goal, costs=costs, max_moves=max_moves,
+                                lanes=SEARCH_LANES)
     return staged, log, load.sum(axis=2).max(axis=1)
 
 
 def align_to(fresh: I64, current: I64) -> I64:
     """Renumbers the ranks of ``fresh`` (and orders each rank's slots) to match ``current``.
 
-    Ranks are matched by the number of experts they share (:func:`_match_ranks`); then
-    :func:`align_slots` keeps shared experts in their current slots.
+    Ranks are matched to keep the most (slot, expert) pairs: an optimal assignment
+    (:func:`~eplb_service.policy.assignment.max_assignment`) on the number of experts each
+    fresh rank shares with each current rank when there are at most
+    ``OPTIMAL_MATCH_RANKS`` ranks, else a greedy matching (:func:`_match_ranks`; the exact
+    solver's search paths get long on large sparse overlaps); then :func:`align_slots` keeps
+    shared experts in their current slots.
 
     Parameters:
         fresh: [X, R, S], a plan whose ranks may be permuted freely
@@ -188,17 +202,31 @@ def align_to(fresh: I64, current: I64) -> I64:
         [X, R, S], ``fresh`` with ranks permuted and slots ordered
     """
     num_rows, num_ranks, _ = fresh.shape
-    # overlap[x, a, b]: (slot, slot) pairs of fresh rank a and current rank b holding the
-    # same expert.
-    same = fresh[:, :, :, None, None] == current[:, None, None, :, :]  # [X, R, S, R, S]
-    overlap = same.sum(axis=(2, 4)).astype(np.float64) + 1e-3  # any match beats none
-    # Equal overlaps: fresh rank a prefers current ranks a, a + 1, ... (spreads the ties).
-    shift = (np.arange(num_ranks)[None, :] - np.arange(num_ranks)[:, None]) % num_ranks
-    overlap -= 1e-6 * shift / num_ranks
-    target = _match_ranks(overlap)
+    overlap = rank_overlap(fresh, current)
+    if num_ranks <= OPTIMAL_MATCH_RANKS:
+        target = max_assignment(overlap)
+    else:
+        overlap += 1e-3  # any match beats none
+        # Equal overlaps: fresh rank a prefers current ranks a, a + 1, ... (spreads the ties).
+        shift = (np.arange(num_ranks)[None, :] - np.arange(num_ranks)[:, None]) % num_ranks
+        overlap -= 1e-6 * shift / num_ranks
+        target = _match_ranks(overlap)
     out = np.empty_like(fresh)
     out[np.arange(num_rows)[:, None], target] = fresh
     return align_slots(out, current)
+
+
+def rank_overlap(fresh: I64, current: I64) -> F64:
+    """``[X, R, R]``: (slot, slot) pairs of fresh rank ``a`` and current rank ``b`` holding the
+    same expert (ids < 0 never match)."""
+    num_rows = fresh.shape[0]
+    n = int(max(fresh.max(initial=-1), current.max(initial=-1))) + 1
+    held = held_counts(current, n)[:, :, :n]  # [X, R, n]
+    by_expert = np.ascontiguousarray(held.transpose(0, 2, 1))  # [X, n, R]
+    rows = np.arange(num_rows)[:, None, None]
+    picked = by_expert[rows, np.maximum(fresh, 0)]  # [X, R, S, R]
+    picked = np.where((fresh >= 0)[:, :, :, None], picked, 0)
+    return picked.sum(axis=2).astype(np.float64)
 
 
 def _match_ranks(overlap: F64) -> I64:
@@ -276,6 +304,7 @@ def replan(
     allowance: F64 | None = None,
     search: float = SEARCH,
     max_moves: int = 256,
+    stand_in: bool = False,
 ) -> tuple[Paths, F64]:
     """Move paths for every row from its arrangement in service (see the module docstring).
 
@@ -297,6 +326,9 @@ def replan(
         allowance: [X], absolute load a row may keep above that too (sampling noise)
         search: fraction of the tolerance and allowance the swap search aims for
         max_moves: most swaps per row
+        stand_in: ``reference`` is only a lower bound (the fresh plan is not known): with at
+            least ``STAND_IN_MIN_SLOTS`` slots per rank, rows first try to reach the goal it
+            sets before asking ``fresh``
 
     Returns:
         paths: :class:`Paths`
@@ -344,6 +376,14 @@ def replan(
     # Rows within their goal keep every slot (even above the search goal): touching them
     # would rewrite slots for a gain smaller than the tolerance.
     todo = np.flatnonzero(must_fix | (peak0 > goal * (1 + 1e-9)))
+    if todo.size and stand_in and per_rank >= STAND_IN_MIN_SLOTS:
+        # 0. Hysteresis counts toward the stand-in's goal (water-filling's largest replica):
+        # rows that reach it never need their fresh plan (whose peak is at least the bound).
+        # Only with many slots per rank, where fresh plans reach the bound: with few, the
+        # bound's goal is tighter than the fresh plan's and rows would move more.
+        level = (weight[todo] / water_fill(weight[todo], num_slots)).max(axis=1) * (1 + tolerance)
+        counts = adjust_counts(weight[todo], before[todo], level, num_slots)
+        todo = accept(todo, counts, *attempt(todo, counts))
     if todo.size:
         # Rows not already near the stand-in need the fresh plan: its largest rank load is
         # their reference from here on.

@@ -113,7 +113,9 @@ class SwapCosts:
 
     def arrival(self, rows: I64, ranks: I64, experts: I64) -> F64:
         """Cost of bringing ``experts`` to ``ranks`` of ``rows`` (broadcast index arrays)."""
-        return _COST_OF_TIER[self.tier[rows, ranks, experts]]
+        _, num_ranks, num_experts = self.tier.shape
+        flat = (rows * num_ranks + ranks) * num_experts + experts
+        return _COST_OF_TIER[self.tier.reshape(-1)[flat]]
 
     def slot_cost(self, item: I64) -> F64:
         """``[X, R, S]`` experts -> ``[X, R, S]`` cost of each slot holding them."""
@@ -171,14 +173,19 @@ class _Holdings:
         self.arrivals = ((self.held > 0) & ~orig).sum(axis=(1, 2))
         self.changed = (item != costs.original).reshape(num_rows, -1).sum(axis=1)
 
-    def move(self, rows: I64, rank: I64, out: I64, into: I64) -> None:
-        """Rank ``rank`` of each row gives up one ``out`` replica and takes one ``into``."""
-        held, orig = self.held, self.orig
-        gone = (held[rows, rank, out] == 1) & ~orig[rows, rank, out]
-        held[rows, rank, out] -= 1
-        new = (held[rows, rank, into] == 0) & ~orig[rows, rank, into]
-        held[rows, rank, into] += 1
-        self.arrivals[rows] += new.astype(np.int64) - gone.astype(np.int64)
+    def move(self, rows: I64, rank: I64, out: I64, into: I64) -> I64:
+        """Rank ``rank`` of each row gives up one ``out`` replica and takes one ``into``
+        (``(row, rank)`` pairs distinct); returns each entry's change of arrivals (not yet
+        added to ``self.arrivals``)."""
+        _, num_ranks, width = self.held.shape
+        held, orig = self.held.reshape(-1), self.orig.reshape(-1)  # views
+        base = (rows * num_ranks + rank) * width
+        at_out, at_into = base + out, base + into
+        gone = (held[at_out] == 1) & ~orig[at_out]
+        held[at_out] -= 1
+        new = (held[at_into] == 0) & ~orig[at_into]
+        held[at_into] += 1
+        return new.astype(np.int64) - gone.astype(np.int64)
 
 
 def refine_swaps(
@@ -188,6 +195,7 @@ def refine_swaps(
     *,
     costs: SwapCosts | None = None,
     max_moves: int = 256,
+    lanes: int = LANES,
 ) -> tuple[F64, I64, SwapLog]:
     """Swaps items between ranks until each row's largest rank load is at most its target.
 
@@ -206,7 +214,8 @@ def refine_swaps(
         costs: when given, take the swap with the largest gain (counted down to the target
             only), less ``COST_WEIGHT`` of the remaining gap per unit of cost; else the swap
             lowering ``h`` the most
-        max_moves: most moves per row
+        max_moves: most moves per row (a step with several lanes may pass it by lanes - 1)
+        lanes: heavy ranks worked on per step (fewer steps, slightly different moves)
 
     Returns:
         load: [X, R, S], after the swaps
@@ -222,7 +231,7 @@ def refine_swaps(
     logs: dict[str, list[npt.NDArray[np.generic]]] = {
         k: [] for k in ("row", "slot_a", "slot_b", "peak", "changed", "arrivals")
     }
-    lanes = max(1, min(LANES, num_ranks // 4))
+    lanes = max(1, min(lanes, num_ranks // 4))
     num_partners = min(PARTNERS, num_ranks - lanes)
     moves = np.zeros(num_rows, dtype=np.int64)
     active = np.arange(num_rows)
@@ -251,45 +260,56 @@ def refine_swaps(
         x_h = load[rows, heavy]  # [a, T, S]
         x_p = load[rows, partners]  # [a, K, S]
         p_load = rl[ar, partners]  # [a, K]
-        delta = x_h[:, :, :, None, None] - x_p[:, None, None, :, :]  # [a, T, S, K, S]
-        h5 = h_load[:, :, None, None, None]
-        score = np.maximum(h5 - delta, p_load[:, None, None, :, None] + delta)
+        ks = num_partners * per_rank
+        # Candidates (i, k, j) along [a, T, S, K * S] (long inner rows run faster): rank h
+        # ends at h - x_i + x_j, partner k at p_k + x_i - x_j.
+        x_pf = x_p.reshape(a, 1, 1, ks)
+        h_after = (h_load[:, :, None] - x_h)[:, :, :, None] + x_pf
+        p_after = x_h[:, :, :, None] + (np.repeat(p_load, per_rank, axis=1)[:, None, None, :]
+                                        - x_pf)
+        score = np.maximum(h_after, p_after)  # [a, T, S, KS]
+        h4 = h_load[:, :, None, None]
         # Never give a rank a second replica of an expert it holds: that concentrates the
         # expert's load on one GPU (and is what a pure cost model would call cheapest).
         e_h = item[rows, heavy]  # [a, T, S]
         e_p = item[rows, partners]  # [a, K, S]
-        if holdings is not None:
-            held = holdings.held
-            dup_h = held[rows[:, :, None, None], heavy[:, :, None, None], e_p[:, None]] > 0
-            dup_p = held[rows[:, :, None, None], partners[:, None, None, :],
-                         e_h[:, :, :, None]] > 0  # [a, T, S, K]
-            clash = dup_h[:, :, None, :, :] | dup_p[:, :, :, :, None]
-        else:
+        lane_open = (h_load > t[:, None] * (1 + _REL_EPS))[:, :, None, None]
+        if costs is None or slot_cost is None or holdings is None:
             same = e_h[:, :, :, None, None] == e_p[:, None, None, :, :]  # [a, T, S, K, S]
-            clash = same.any(axis=2, keepdims=True) | same.any(axis=4, keepdims=True)
-        helps = (
-            (score < h5 * (1 - _REL_EPS))
-            & (h_load > t[:, None] * (1 + _REL_EPS))[:, :, None, None, None]
-            & ~clash
-        )
-        if costs is None or slot_cost is None:
+            clash = (same.any(axis=2, keepdims=True) | same.any(axis=4, keepdims=True))
+            helps = (score < h4 * (1 - _REL_EPS)) & lane_open & ~clash.reshape(a, lanes, -1, ks)
             flat = np.where(helps, -score, -np.inf).reshape(a, lanes, -1)
         else:
-            gain = h5 - np.maximum(score, t[:, None, None, None, None])
+            held = holdings.held
             # Slot (h, i) receives e_p[k, j] and slot (p_k, j) receives e_h[i]: the arrival
             # costs, less what the two slots cost now. (A write that restores a slot's
-            # expert in service would cost nothing; it is charged as an arrival here.)
-            arr_h = costs.arrival(rows[:, :, None, None], heavy[:, :, None, None],
-                                  e_p[:, None, :, :])  # [a, T, K, S]
+            # expert in service would cost nothing; it is charged as an arrival here.) A
+            # clash costs +inf. The move's value is its gain counted down to the target,
+            # max(h - score, ...) - COST_WEIGHT * (h - t) * cost: the best move minimizes
+            # max(score, t) + COST_WEIGHT * (h - t) * cost.
+            weight_c = (COST_WEIGHT * (h_load - t[:, None]))[:, :, None]  # [a, T, 1]
+            width = held.shape[2]
+            base_h = (rows * num_ranks + heavy) * width  # [a, T]
+            base_p = (rows * num_ranks + partners) * width  # [a, K]
+            held_flat = held.reshape(-1)
+            e_pf = e_p.reshape(a, 1, ks)
+            dup_h = held_flat[base_h[:, :, None] + e_pf] > 0  # [a, T, KS]
+            dup_p = held_flat[base_p[:, None, None, :] + e_h[:, :, :, None]] > 0  # [a, T, S, K]
+            arr_h = costs.arrival(rows[:, :, None], heavy[:, :, None], e_pf)  # [a, T, KS]
             arr_p = costs.arrival(rows[:, :, None, None], partners[:, None, None, :],
                                   e_h[:, :, :, None])  # [a, T, S, K]
             c_h = slot_cost[rows, heavy]  # [a, T, S]
-            c_p = slot_cost[rows, partners]  # [a, K, S]
-            into_h = arr_h - c_p[:, None, :, :]  # [a, T, K, S]
-            into_p = arr_p - c_h[:, :, :, None]  # [a, T, S, K]
-            cost = into_h[:, :, None, :, :] + into_p[:, :, :, :, None]
-            value = gain - COST_WEIGHT * (h5 - t[:, None, None, None, None]) * cost
-            flat = np.where(helps & (gain > 0), value, -np.inf).reshape(a, lanes, -1)
+            c_p = slot_cost[rows, partners].reshape(a, 1, ks)
+            into_h = np.where(dup_h, np.inf, (arr_h - c_p) * weight_c)  # [a, T, KS]
+            into_p = np.where(dup_p, np.inf,
+                              (arr_p - c_h[:, :, :, None]) * weight_c[:, :, :, None])
+            key = np.maximum(score, t[:, None, None, None])
+            key += into_h[:, :, None, :]
+            key += np.repeat(into_p, per_rank, axis=3)
+            valid = score < h4 * (1 - _REL_EPS)
+            if lanes > 1:
+                valid &= lane_open
+            flat = np.where(valid, -key, -np.inf).reshape(a, lanes, -1)
         best = flat.argmax(axis=2)  # [a, T]
         ok = np.isfinite(np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0])
         # A row whose heaviest rank cannot be helped is done.
@@ -297,24 +317,26 @@ def refine_swaps(
         i, rest = np.divmod(best, num_partners * per_rank)
         pk, j = np.divmod(rest, per_rank)
         used = np.zeros((a, num_partners), dtype=bool)
+        picked: list[tuple[I64, I64, I64, I64, I64]] = []  # per lane: rows (of a), h, i, p, j
         for lane in range(lanes):
+            if lane and used.any():
+                # A later lane takes its best swap with a partner no earlier lane took (the
+                # ranks of different lanes are disjoint, so their swaps are independent).
+                lane_flat = flat[:, lane].reshape(a, per_rank, num_partners, per_rank)
+                lane_flat = np.where(used[:, None, :, None], -np.inf, lane_flat)
+                b = lane_flat.reshape(a, -1).argmax(axis=1)
+                ok[:, lane] = np.isfinite(lane_flat.reshape(a, -1)[ar[:, 0], b])
+                i[:, lane], rest_l = np.divmod(b, num_partners * per_rank)
+                pk[:, lane], j[:, lane] = np.divmod(rest_l, per_rank)
             go = ok[:, lane] & ~used[ar[:, 0], pk[:, lane]] & ~stuck
             if not go.any():
                 continue
-            used[ar[go, 0], pk[go, lane]] = True
-            r = active[go]
-            h = heavy[go, lane]
-            p = partners[go, pk[go, lane]]
-            self_i, self_j = i[go, lane], j[go, lane]
-            _swap(load, item, rank_load, r, h, self_i, p, self_j, costs, slot_cost, holdings)
-            moves[r] += 1
-            logs["row"].append(r)
-            logs["slot_a"].append(h * per_rank + self_i)
-            logs["slot_b"].append(p * per_rank + self_j)
-            logs["peak"].append(rank_load[r].max(axis=1))
-            if holdings is not None:
-                logs["changed"].append(holdings.changed[r].copy())
-                logs["arrivals"].append(holdings.arrivals[r].copy())
+            g = np.flatnonzero(go)
+            used[g, pk[g, lane]] = True
+            picked.append((g, heavy[g, lane], i[g, lane], partners[g, pk[g, lane]], j[g, lane]))
+        if picked:
+            _apply_lanes(picked, active, load, item, rank_load, moves, per_rank, logs,
+                         costs, slot_cost, holdings)
         active = active[~stuck]
 
     def cat(name: str, dtype: type) -> npt.NDArray[np.generic]:
@@ -332,27 +354,84 @@ def refine_swaps(
     return load, item, log
 
 
+def _apply_lanes(
+    picked: list[tuple[I64, I64, I64, I64, I64]], active: I64, load: F64, item: I64,
+    rank_load: F64, moves: I64, per_rank: int, logs: dict[str, list[npt.NDArray[np.generic]]],
+    costs: SwapCosts | None, slot_cost: F64 | None, holdings: _Holdings | None,
+) -> None:
+    """Applies one step's swaps (lane by lane, in one batch) and logs them lane by lane.
+
+    The ranks of different lanes are disjoint, so a row's swaps of one step commute; the log
+    records each after the swaps of the lanes before it (peaks, rewrites and arrivals).
+    """
+    g = np.concatenate([p[0] for p in picked])
+    h, i, p, j = (np.concatenate([q[k] for q in picked]) for k in range(1, 5))
+    r = active[g]
+    if len(picked) == 1:
+        _swap(load, item, rank_load, r, h, i, p, j, costs, slot_cost, holdings)
+        moves[r] += 1
+        logs["row"].append(r)
+        logs["slot_a"].append(h * per_rank + i)
+        logs["slot_b"].append(p * per_rank + j)
+        logs["peak"].append(rank_load[r].max(axis=1))
+        if holdings is not None:
+            logs["changed"].append(holdings.changed[r].copy())
+            logs["arrivals"].append(holdings.arrivals[r].copy())
+        return
+    running = rank_load[active]  # [a, R], updated lane by lane
+    if holdings is not None:
+        run_changed = holdings.changed[active]
+        run_arrivals = holdings.arrivals[active]
+    deltas = _swap(load, item, rank_load, r, h, i, p, j, costs, slot_cost, holdings)
+    np.add.at(moves, r, 1)
+    start = 0
+    for lane_rows, *_ in picked:
+        stop = start + lane_rows.size
+        sl = slice(start, stop)
+        running[lane_rows, h[sl]] = rank_load[r[sl], h[sl]]
+        running[lane_rows, p[sl]] = rank_load[r[sl], p[sl]]
+        logs["row"].append(r[sl])
+        logs["slot_a"].append(h[sl] * per_rank + i[sl])
+        logs["slot_b"].append(p[sl] * per_rank + j[sl])
+        logs["peak"].append(running[lane_rows].max(axis=1))
+        if holdings is not None and deltas is not None:
+            run_changed[lane_rows] += deltas[0][sl]
+            run_arrivals[lane_rows] += deltas[1][sl]
+            logs["changed"].append(run_changed[lane_rows].copy())
+            logs["arrivals"].append(run_arrivals[lane_rows].copy())
+        start = stop
+
+
 def _swap(
     load: F64, item: I64, rank_load: F64, rows: I64, ra: I64, ia: I64, rb: I64, ib: I64,
     costs: SwapCosts | None, slot_cost: F64 | None, holdings: _Holdings | None,
-) -> None:
-    """Swaps slot ``(ra, ia)`` with ``(rb, ib)`` in each of ``rows`` (in place)."""
-    la, lb = load[rows, ra, ia], load[rows, rb, ib]
-    load[rows, ra, ia], load[rows, rb, ib] = lb, la
-    ea, eb = item[rows, ra, ia], item[rows, rb, ib]
-    item[rows, ra, ia], item[rows, rb, ib] = eb, ea
-    rank_load[rows, ra] += lb - la
-    rank_load[rows, rb] += la - lb
+) -> tuple[I64, I64] | None:
+    """Swaps slot ``(ra, ia)`` with ``(rb, ib)`` in each of ``rows`` (in place; a row may
+    repeat when its ranks differ). With costs, returns each entry's change of rewritten slots
+    and of arrivals (already added to ``holdings``)."""
+    _, num_ranks, per_rank = load.shape
+    fa = (rows * num_ranks + ra) * per_rank + ia  # flat slot indices
+    fb = (rows * num_ranks + rb) * per_rank + ib
+    load_f, item_f = load.reshape(-1), item.reshape(-1)  # views
+    la, lb = load_f[fa], load_f[fb]
+    load_f[fa], load_f[fb] = lb, la
+    ea, eb = item_f[fa], item_f[fb]
+    item_f[fa], item_f[fb] = eb, ea
+    rank_f = rank_load.reshape(-1)
+    rank_f[rows * num_ranks + ra] += lb - la
+    rank_f[rows * num_ranks + rb] += la - lb
     if costs is None or slot_cost is None or holdings is None:
-        return
-    oa, ob = costs.original[rows, ra, ia], costs.original[rows, rb, ib]
-    slot_cost[rows, ra, ia] = np.where(oa == eb, 0.0, costs.arrival(rows, ra, eb))
-    slot_cost[rows, rb, ib] = np.where(ob == ea, 0.0, costs.arrival(rows, rb, ea))
-    holdings.changed[rows] += (
-        (oa != eb).astype(np.int64) - (oa != ea) + (ob != ea) - (ob != eb)
-    )
-    holdings.move(rows, ra, ea, eb)
-    holdings.move(rows, rb, eb, ea)
+        return None
+    orig_f = costs.original.reshape(-1)
+    oa, ob = orig_f[fa], orig_f[fb]
+    cost_f = slot_cost.reshape(-1)
+    cost_f[fa] = np.where(oa == eb, 0.0, costs.arrival(rows, ra, eb))
+    cost_f[fb] = np.where(ob == ea, 0.0, costs.arrival(rows, rb, ea))
+    d_changed = (oa != eb).astype(np.int64) - (oa != ea) + (ob != ea) - (ob != eb)
+    d_arrivals = holdings.move(rows, ra, ea, eb) + holdings.move(rows, rb, eb, ea)
+    np.add.at(holdings.changed, rows, d_changed)
+    np.add.at(holdings.arrivals, rows, d_arrivals)
+    return d_changed, d_arrivals
 
 
 def balance_pairs(load: F64, item: I64, rounds: int = 8) -> tuple[F64, I64]:
@@ -385,13 +464,14 @@ def balance_pairs(load: F64, item: I64, rounds: int = 8) -> tuple[F64, I64]:
         light = order[:, :half]  # [X, H], lightest first
         gap = rank_load[rows, heavy] - rank_load[rows, light]  # [X, H]
         x_h = load[rows, heavy]  # [X, H, S]
-        x_l = load[rows, light]
-        delta = x_h[:, :, :, None] - x_l[:, :, None, :]  # [X, H, S, S]
-        # Heavier side after the swap, relative to the light rank's load: max(gap - d, d).
-        after = np.maximum(gap[:, :, None, None] - delta, delta)
-        flat = after.reshape(num_rows, half, -1)
+        x_l = load[rows, light] + 0.5 * gap[:, :, None]
+        # Heavier side after the swap, relative to the light rank's load: max(gap - d, d)
+        # = gap / 2 + |d - gap / 2| with d = x_i - x_j.
+        off = x_h[:, :, :, None] - x_l[:, :, None, :]  # [X, H, S, S]
+        np.abs(off, out=off)
+        flat = off.reshape(num_rows, half, -1)
         best = flat.argmin(axis=2)  # [X, H]
-        best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
+        best_after = 0.5 * gap + np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
         go = best_after < gap * (1 - _REL_EPS)
         if not go.any():
             break

@@ -187,23 +187,33 @@ def cardinality_counts(
     rows = np.arange(num_rows)
     # big[x, q]: replicas above tau_q, kept current as grants change counts.
     item = weight / counts
-    big = ((item[:, :, None] > tau[:, None, :]) * counts[:, :, None]).sum(axis=1)
+    big = np.stack(
+        [np.where(item > tau[:, k : k + 1], counts, 0).sum(axis=1) for k in range(q.size)],
+        axis=1,
+    )
     left = num_slots - counts.sum(axis=1)
-    while True:
+    steps = int(left.max(initial=0))
+    if steps == 0:
+        return counts, feasible
+    # Replicas only shrink, so after k grants the m largest are among the m + k largest at
+    # the start: every step works on that fixed pool of experts.
+    pool_size = min(n, m + steps)
+    if pool_size < n:
+        pool = np.argpartition(-item, pool_size - 1, axis=1)[:, :pool_size]
+    else:
+        pool = np.tile(np.arange(n), (num_rows, 1))
+    pool_w = weight[rows[:, None], pool]  # [X, M]
+    pool_c = counts[rows[:, None], pool]  # [X, M]
+    m = min(m, pool_size)
+    for _ in range(steps):
         active = rows[left > 0]
         if active.size == 0:
             break
         a = active.size
-        ar = np.arange(a)[:, None]
-        cur = weight[active] / counts[active]  # [a, n]
-        if m < n:
-            top = np.argpartition(-cur, m - 1, axis=1)[:, :m]
-        else:
-            top = np.tile(np.arange(n), (a, 1))
-        order = np.argsort(-cur[ar, top], axis=1, kind="stable")
-        top = top[ar, order]  # [a, m], largest replica first
-        c = counts[active[:, None], top]
-        w = weight[active[:, None], top]
+        cur = pool_w[active] / pool_c[active]  # [a, M]
+        top = np.argsort(-cur, axis=1, kind="stable")[:, :m]  # largest replica first
+        c = pool_c[active[:, None], top]
+        w = pool_w[active[:, None], top]
         t = tau[active][:, None, :]  # [a, 1, Q]
         was = (w / c)[:, :, None] > t
         now = (w / (c + 1))[:, :, None] > t
@@ -211,8 +221,9 @@ def cardinality_counts(
         b = big[active][:, None, :]
         fits = (b + change <= np.maximum(limit, b)).all(axis=2)  # [a, m]
         pick = np.where(fits.any(axis=1), fits.argmax(axis=1), 0)
-        expert = top[np.arange(a), pick]
-        counts[active, expert] += 1
+        col = top[np.arange(a), pick]
+        pool_c[active, col] += 1
         big[active] += change[np.arange(a), pick]
         left[active] -= 1
+    counts[rows[:, None], pool] = pool_c
     return counts, feasible

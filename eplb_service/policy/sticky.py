@@ -39,7 +39,7 @@ from eplb_service.placement import Placement, PlacementError, Topology, as_int_a
 from eplb_service.policy._common import Placement as PlacementMaps
 from eplb_service.policy._inputs import check_sizes
 from eplb_service.policy.budget import Budget, choose_points
-from eplb_service.policy.fresh import item_loads, plan_fresh
+from eplb_service.policy.fresh import SETTLE, item_loads, plan_fresh
 from eplb_service.policy.fresh import lower_bound as lower_bound_rows
 from eplb_service.policy.hierarchy import (
     assign_groups,
@@ -225,7 +225,7 @@ def _from_current(
         allowance = _noise(weight, mean, significance)
         if fresh is None:
             # The lower bound stands in for the fresh plan until a layer cannot reach it.
-            reference = lower_bound_rows(weight, t.num_slots, t.num_ranks)
+            reference = lower_bound_rows(weight, t.num_slots, t.num_ranks) * (1 + SETTLE)
 
             def fresh_rows(rows: I64) -> tuple[I64, F64]:
                 return plan_fresh(weight[rows], t.num_slots, t.num_ranks)
@@ -236,7 +236,8 @@ def _from_current(
             def fresh_rows(rows: I64) -> tuple[I64, F64]:
                 return known[rows], reference[rows]
         paths, goal = replan(weight, cur, reference, fresh_rows, num_nodes=t.num_nodes,
-                             tolerance=tolerance, allowance=allowance, max_moves=MAX_SWAPS)
+                             tolerance=tolerance, allowance=allowance, max_moves=MAX_SWAPS,
+                             stand_in=fresh is None)
         needed = _needed(mean, goal, paths, np.ones(t.num_layers))
         point, note = _choose(paths, mean, np.ones(t.num_layers), needed, budget)
         return materialize(paths, point).reshape(t.num_layers, -1), note
