@@ -16,8 +16,9 @@ per layer around the ring: rank ``r`` sends ``M`` experts to ``r+1`` and receive
   a separate buffer (the best case the transport offers);
 - ``migrate_layer``: :meth:`ExpertWeights.migrate_layer` of one layer (pre-flight all-reduce,
   P2P into staging, status all-reduce, in-place commit, synchronized);
-- ``migrate``: :meth:`ExpertWeights.migrate` of all ``--tp-layers`` layers (on CUDA a layer's
-  commit overlaps the next layer's transfers), against ``plain`` of the same total bytes.
+- ``migrate``: :meth:`ExpertWeights.migrate` of all ``--tp-layers`` layers (one pre-flight, layers
+  grouped by bytes, a group's commit overlapping the next group's transfers), against ``plain``
+  of the same total bytes.
 
 Ratio = plain time / migration time for the same bytes (1.0 = as fast as the raw transport).
 

@@ -80,9 +80,10 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int) -> dict[str,
     weights = build(rank, maps[0])
     before = pointers(weights)
     out: dict[str, Any] = {"bad": [], "failed": [], "bytes": 0, "copies": 0, "layers": []}
-    for old, new in itertools.pairwise(maps):
+    for hop, (old, new) in enumerate(itertools.pairwise(maps)):
         plan = plan_transfers(old, new, world, nodes)
-        report = weights.migrate(plan)
+        # Odd hops: one layer per group (pipelined: a group commits while the next transfers).
+        report = weights.migrate(plan, group_bytes=1 if hop % 2 else None)
         out["failed"].append(dict(report.failed))
         out["layers"].append(list(report.applied_layers))
         out["bad"].append(mismatches(weights, rank, new))
@@ -117,6 +118,20 @@ def _failures(rank: int, world: int, seed: int) -> dict[str, Any]:
     out["failed_msg"] = report.failed.get(1, "")
     out["layer1_untouched"] = mismatches(weights, rank, old, [1]) == []
     out["others_moved"] = mismatches(weights, rank, new, [0, 2]) == []
+
+    # 1b. The same with one layer per group (pipelined), and in stop mode: layer 0 applied,
+    # layer 1 failed, layer 2 not attempted (posted, never written).
+    fresh = build(rank, old)
+    report = fresh.migrate(plan, fault=fail_rank1_layer1, group_bytes=1)
+    out["grouped"] = (list(report.applied_layers), sorted(report.failed),
+                      mismatches(fresh, rank, old, [1]) == [],
+                      mismatches(fresh, rank, new, [0, 2]) == [])
+    fresh = build(rank, old)
+    report = fresh.migrate(plan, fault=fail_rank1_layer1, group_bytes=1, stop_on_error=True)
+    out["stopped"] = (list(report.applied_layers), sorted(report.failed),
+                      "not attempted" in report.failed.get(2, ""),
+                      mismatches(fresh, rank, old, [1, 2]) == [],
+                      mismatches(fresh, rank, new, [0]) == [])
 
     # 2. The same failure through migrate_layer: the error says where and why.
     try:
@@ -198,6 +213,8 @@ def test_failure_on_one_rank_leaves_the_layer_untouched_everywhere() -> None:
         assert out["applied"] == [0, 2] and out["failed"] == [1], rank
         assert "rank 1" in out["failed_msg"] and "not modified" in out["failed_msg"]
         assert out["layer1_untouched"] and out["others_moved"], rank
+        assert out["grouped"] == ([0, 2], [1], True, True), rank
+        assert out["stopped"] == ([0], [1, 2], True, True, True), rank
         phase, failed_rank, reason = out["error"]
         assert (phase, failed_rank) == ("transfer", 1), rank
         # Only the failing rank knows the local reason; everyone knows who failed.

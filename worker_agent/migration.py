@@ -7,40 +7,42 @@ in an :class:`ExpertWeights`. Given the layer's :class:`~worker_agent.transfers.
 rank's slots hold the new map's experts, copying into the registered tensors in place: their
 ``data_ptr`` never changes (CUDA graphs and the engine's references stay valid).
 
-Protocol of one layer (every rank calls it with the same layer and plan; every collective below
-is made by every rank, unconditionally)::
+Protocol (every rank makes the same calls with the same layers and plan; every collective below
+is made by every rank, unconditionally; :meth:`ExpertWeights.migrate_layer` is the one-layer
+case of :meth:`ExpertWeights.migrate`)::
 
-    1. prepare (local): check the plan against the registry, lay out a staging buffer.
-    2. pre-flight all-reduce MIN [ok, rank-if-failed, plan digest, -digest, layout, -layout]:
-       every rank learns whether every rank is ready and holds the same plan and tensor layout.
-       If not, every rank raises MigrationError before any byte moves.
-    3. stage: local copies whose source slot is overwritten in this layer are copied aside.
-    4. transfer: torch.distributed.batch_isend_irecv — sends read straight from the weight
-       rows (nothing is written before step 6), receives land in the staging buffer; wait for
-       all of them (bounded by ``timeout_s``).
-    5. status all-reduce MIN [ok, rank-if-failed]: every rank learns whether every rank's
-       transfers completed (and passed the optional ``fault`` hook).
-    6. commit (only if every rank succeeded): copy staged / received / unchanged-source rows
-       into the destination rows of the registered tensors. On CUDA the copies run on a copy
-       stream, so in :meth:`ExpertWeights.migrate` a layer's commit overlaps the next layer's
-       transfers (two staging buffers alternate); ``migrate`` returns once all are done.
+    1. prepare (local): check each layer's plan against the registry.
+    2. ONE pre-flight all-reduce MIN of [ok, rank-if-failed, plan digest, -digest, layout,
+       -layout] per layer: every rank learns, per layer, whether every rank is ready and holds
+       the same plan and tensor layout; a layer that is not is refused before any byte moves.
+    3. the ready layers are cut into groups of about ``group_bytes`` received bytes (from the
+       plan and the checked layouts only: the same groups on every rank). Per group:
+       stage local copies whose source slot is overwritten into the group's staging buffer;
+       post every layer's P2P ops in one torch.distributed.batch_isend_irecv (sends read
+       straight from the weight rows, receives land in the staging buffer).
+    4. wait (bounded by ``timeout_s``), then start the status all-reduce MIN of
+       [ok, rank-if-failed] per layer of the group (on NCCL: device tensors, one D2H).
+    5. the next group is posted, then this group's status is read: every layer whose entry says
+       every rank received it is committed (copied into the registered tensors in place, on
+       CUDA on a copy stream, overlapping the next group's transfers); a failed layer is not.
 
-**Failure guarantee.** The registered tensors of a layer are written only in step 6, after the
-status all-reduce reported that every rank's receives for that layer completed. A failure
-anywhere (a rank not ready, a plan or layout mismatch, a transfer error, a timeout, the
-``fault`` hook raising) makes every rank raise :class:`MigrationError` with that layer's weights
-untouched on every rank, so the caller keeps routing that layer with the old map. A rank
-commits only when the status all-reduce *returned* "every rank ok", so data is never read from
-a half-received buffer. The one case outside the "all ranks alike" part: the group breaking
-during the status all-reduce itself (a peer dies; or a timed-out transfer closed the connection
-— gloo closes the pair, NCCL's watchdog aborts the communicator). Ranks that see the error raise
-(phase ``"status"``) without writing; a rank whose all-reduce had already returned "ok" commits.
-The group is then unusable for serving anyway (every forward step needs it) and must be rebuilt.
-On NCCL, "receives completed" is established on the host (the works are waited, then the stream
-synchronized) before the status all-reduce.
+**Failure guarantee.** The registered tensors of a layer are written only in step 5, after the
+status all-reduce reported that every rank's receives for that layer completed. A failure anywhere
+(a rank not ready, a plan or layout mismatch, a transfer error, a timeout, the ``fault`` hook
+raising) makes every rank raise :class:`MigrationError` with that layer's weights untouched on
+every rank, so the caller keeps routing that layer with the old map. A rank commits a layer only
+when the status all-reduce *returned* "every rank ok" for it, so data is never read from a
+half-received buffer. The one case outside the "all ranks alike" part: the group breaking during
+the status all-reduce itself (a peer dies; or a timed-out transfer closed the connection — gloo
+closes the pair, NCCL's watchdog aborts the communicator). Ranks that see the error raise (phase
+``"status"``) without writing; a rank whose all-reduce had already returned "ok" commits. The group
+is then unusable for serving anyway (every forward step needs it) and must be rebuilt. On NCCL,
+"receives completed" is established by stream order: each rank's status all-reduce runs after its
+receives on the device, so a result read on the host proves every rank's receives completed (the
+stream is synchronized on the host only when a ``received`` hook must run).
 
 Stats per layer (:class:`LayerMigrationStats`): transfers sent/received, local copies, bytes
-sent/received/staged, seconds (whole call) and transfer seconds (posting to completion).
+sent/received/staged, seconds and transfer seconds (its group's, shared equally by its layers).
 
 :class:`MigratingSwitcher` plugs this into the in-band agreement (``worker_agent.agreement``'s
 ``Switcher`` protocol): it migrates ``layers_per_step`` layers per step, switches each layer's
@@ -76,6 +78,8 @@ __all__ = [
 FaultHook = Callable[[str], None]
 
 _ALIGN = 256  # bytes; staging regions start at aligned offsets
+_MIN_GROUP = 64 << 20  # bytes received per group (``migrate``'s default group size bounds)
+_MAX_GROUP = 512 << 20
 
 
 class MigrationError(RuntimeError):
@@ -117,8 +121,9 @@ class LayerMigrationStats:
         slots_written: rows written per registered tensor (this rank's changed slots).
         bytes_sent, bytes_received: network bytes of this rank.
         bytes_staged: bytes copied into the staging buffer by local copies.
-        seconds: the whole call on this rank (pre-flight to weights written, stream synchronized).
-        transfer_seconds: posting the transfers to all of them completing on this rank.
+        seconds: its group's time on this rank (posting to commit issued), split equally over
+            the group's layers (the whole call for ``migrate_layer``).
+        transfer_seconds: its group's posting to completion, split likewise.
     """
 
     layer: int
@@ -208,14 +213,15 @@ class ExpertWeights:
             raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
         self.slots_per_rank = int(slots_per_rank)
         self._layers: dict[int, dict[str, _Entry]] = {}
-        # Two staging buffers, alternating per call, so that on CUDA a layer's commit (on the
-        # copy stream) overlaps the next layer's transfers; ``_released[b]`` is the CUDA event
-        # after which buffer ``b`` is no longer read by a commit.
+        # Two staging buffers, alternating per group of layers, so that a group's commit (on
+        # the CUDA copy stream) overlaps the next group's transfers; ``_released[b]`` is the
+        # CUDA event after which buffer ``b`` is no longer read by a commit.
         self._staging: list[torch.Tensor | None] = [None, None]
         self._released: list[Any] = [None, None]
         self._committed: dict[int, Any] = {}  # layer -> CUDA event after its last commit
         self._copy_stream: Any = None
-        self._calls = 0  # migrate_layer calls so far: the same on every rank (P2P tags)
+        self._calls = 0  # layers attempted so far: the same on every rank (P2P tags)
+        self._flip = 0  # staging buffer of the last group
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -288,37 +294,31 @@ class ExpertWeights:
         timeout_s: float | None = None,
         stop_on_error: bool = False,
         fault: Callable[[int, str], None] | None = None,
+        group_bytes: int | None = None,
     ) -> MigrationReport:
-        """Migrate several layers (default: every layer of ``plan`` that changes), one by one.
+        """Migrate several layers (default: every layer of ``plan`` that changes), pipelined.
 
-        A layer that fails is left untouched and recorded in ``failed``; the others go on,
-        unless ``stop_on_error`` or the group broke (phase ``"status"``), which stops at that
-        layer (the rest are reported failed as not attempted). The outcome is the same on every
-        rank. ``fault(layer, phase)`` is passed to :meth:`migrate_layer` as a per-layer hook.
+        One pre-flight all-reduce covers every layer; the layers then move in groups of about
+        ``group_bytes`` received bytes (default: a quarter of the call's bytes, clamped to
+        64-512 MiB; the same groups on every rank): one ``batch_isend_irecv`` and one status
+        all-reduce per group, and group ``g``'s commit overlaps group ``g + 1``'s transfers.
+        Each layer keeps its own outcome: a layer that fails is left untouched on every rank
+        and recorded in ``failed``; the others are applied, unless ``stop_on_error`` or the
+        group broke (phase ``"status"``), which stops at that layer (the layers after it are
+        reported failed as not attempted, and never written). The outcome is the same on every
+        rank. ``fault(layer, phase)`` is called per layer as :meth:`migrate_layer` describes.
 
-        On CUDA each layer's commit runs on a copy stream while the next layer transfers; the
-        call returns after every commit finished (``wall_seconds`` covers it all).
+        The call returns after every commit finished (``wall_seconds`` covers it all).
         """
         start = time.perf_counter()
         todo = list(plan.changed_layers if layers is None else layers)
-        applied: list[LayerMigrationStats] = []
-        failed: dict[int, str] = {}
-        errors: dict[int, MigrationError] = {}
-        for i, layer in enumerate(todo):
-            hook = None if fault is None else _bind(fault, layer)
-            try:
-                applied.append(
-                    self.migrate_layer(layer, plan[layer], group, timeout_s=timeout_s, fault=hook,
-                                       synchronize=False)
-                )
-            except MigrationError as exc:
-                failed[layer] = str(exc)
-                errors[layer] = exc
-                if stop_on_error or exc.phase == "status":
-                    for rest in todo[i + 1:]:
-                        failed[rest] = f"not attempted: layer {layer} failed first"
-                    break
+        items = [(layer, plan[layer], None if fault is None else _bind(fault, layer))
+                 for layer in todo]
+        applied, errors, skipped = self._run(items, group, timeout_s, stop_on_error, group_bytes)
         self.wait_commits(host=True)
+        failed: dict[int, str] = {layer: str(exc) for layer, exc in errors.items()}
+        for layer, first in skipped:
+            failed[layer] = f"not attempted: layer {first} failed first"
         return MigrationReport(tuple(applied), failed, time.perf_counter() - start, errors)
 
     def migrate_layer(
@@ -340,9 +340,11 @@ class ExpertWeights:
                 the default group. Without ``torch.distributed`` initialized, a 1-rank group.
             timeout_s: bound on waiting for this rank's transfers (``None``: the group's
                 timeout). A timeout counts as a transfer failure (and usually breaks the group).
-            fault: called with ``"post"`` before this rank posts its transfers and with
-                ``"received"`` after they completed; an exception from it is a transfer failure
-                on this rank (tests inject failures with it; an engine may verify bytes).
+            fault: called with ``"post"`` before this rank posts its transfers (raising: the
+                rank posts nothing, its peers' transfers fail or time out) and with
+                ``"received"`` after they completed (on CUDA the stream is synchronized first);
+                an exception from it is a transfer failure on this rank (tests inject failures
+                with it; an engine may verify bytes).
             synchronize: on CUDA, wait for the weight copies before returning (the stats then
                 time the whole move). With ``False`` the copies are left running on the copy
                 stream; call :meth:`wait_commits` before the engine routes with the new map.
@@ -350,88 +352,275 @@ class ExpertWeights:
         Returns this rank's :class:`LayerMigrationStats`. Raises :class:`MigrationError` on
         every rank, with the layer's weights untouched on every rank, if it failed anywhere.
         """
-        start = time.perf_counter()
-        self._calls += 1
-        tag = self._calls % (1 << 20)
+        applied, errors, _ = self._run([(layer, transfers, fault)], group, timeout_s, True, None)
+        if synchronize:
+            self.wait_commits(host=True)
+        if errors:
+            raise errors[layer]
+        return applied[0]
+
+    def _run(
+        self,
+        items: list[tuple[int, Any, FaultHook | None]],
+        group: Any,
+        timeout_s: float | None,
+        stop_on_error: bool,
+        group_bytes: int | None,
+    ) -> tuple[list[LayerMigrationStats], dict[int, MigrationError], list[tuple[int, int]]]:
+        """The protocol for ``items`` (layer, transfers, hook) in order; see the module doc.
+
+        Returns (applied stats in order, layer -> error, [(layer not attempted, first failed)]).
+        Every branch below depends only on all-reduce results (shared by every rank) and on
+        the plan (the same everywhere, checked by digest), never on rank-local state.
+        """
         comm = _Comm(group)
         rank, world = comm.rank, comm.world
+        errors: dict[int, MigrationError] = {}
+        skipped: list[tuple[int, int]] = []
 
         # 1. prepare (rank-local; errors are reported through the pre-flight all-reduce).
-        reason: str | None = None
-        work: _LayerWork | None = None
-        buffer = self._calls % 2
-        try:
-            work = self._prepare(layer, transfers, rank, world, buffer)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        digest = transfers.digest if isinstance(transfers, LayerTransfers) else 0
-        layout = self._layout_digest(layer)
+        works: list[_LayerWork | None] = []
+        reasons: list[str | None] = []
+        votes: list[int] = []
+        for layer, transfers, _ in items:
+            self._calls += 1
+            work: _LayerWork | None = None
+            reason: str | None = None
+            try:
+                work = self._prepare(layer, transfers, rank, world, self._calls % (1 << 20))
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            works.append(work)
+            reasons.append(reason)
+            digest = transfers.digest if isinstance(transfers, LayerTransfers) else 0
+            layout = self._layout_digest(layer)
+            ok = int(work is not None)
+            votes += [ok, rank if not ok else world, digest, -digest, layout, -layout]
 
-        # 2. pre-flight.
-        ok = int(work is not None)
+        # 2. one pre-flight all-reduce for every layer.
         try:
-            pre = comm.allreduce_min(
-                [ok, rank if not ok else world, digest, -digest, layout, -layout]
-            )
+            pre = comm.allreduce_min(votes).result()
         except Exception as exc:
-            raise MigrationError(layer, "status", None, f"pre-flight exchange: {exc}") from exc
-        if pre[0] != 1:
-            raise MigrationError(layer, "preflight", pre[1], reason)
-        if pre[2] != -pre[3]:
-            raise MigrationError(layer, "preflight", None, "ranks computed different plans")
-        if pre[4] != -pre[5]:
-            raise MigrationError(
-                layer, "preflight", None, "ranks registered different tensor layouts"
-            )
-        assert work is not None  # every rank is ready
-        device = work.device
+            first = items[0][0]
+            errors[first] = MigrationError(first, "status", None, f"pre-flight exchange: {exc}")
+            skipped += [(layer, first) for layer, _, _ in items[1:]]
+            return [], errors, skipped
+        ready: list[int] = []  # indices into items, in order
+        stop_at = len(items)
+        for i, (layer, _, _) in enumerate(items):
+            v = pre[6 * i:6 * i + 6]
+            if v[0] != 1:
+                err = MigrationError(layer, "preflight", v[1], reasons[i])
+            elif v[2] != -v[3]:
+                err = MigrationError(layer, "preflight", None, "ranks computed different plans")
+            elif v[4] != -v[5]:
+                err = MigrationError(
+                    layer, "preflight", None, "ranks registered different tensor layouts"
+                )
+            else:
+                ready.append(i)
+                continue
+            errors[layer] = err
+            if stop_on_error:
+                stop_at = i
+                break
 
-        # 3.-4. stage local copies, transfer.
-        t_post = time.perf_counter()
+        # 3.-6. per group: stage + post, wait + status all-reduce, commit (pipelined).
+        groups = self._groups([i for i in ready if i < stop_at], items, world, group_bytes)
+        pending: _Group | None = None
+        done: dict[int, LayerMigrationStats] = {}
+        stop_all = False
+        for indices in groups:
+            batch = self._post(indices, items, works, comm)
+            if pending is not None:
+                stop_all = self._finish(pending, items, errors, done, stop_on_error)
+                if stop_all:
+                    self._abandon(batch, timeout_s)
+                    break
+            self._complete(batch, items, comm, timeout_s)
+            pending = batch
+        if pending is not None and not stop_all:
+            self._finish(pending, items, errors, done, stop_on_error)
+
+        applied: list[LayerMigrationStats] = []
+        halt: int | None = None  # the error that stopped the call
+        for i, (layer, _, _) in enumerate(items):
+            stats = done.pop(i, None)
+            if stats is not None:
+                applied.append(stats)
+            elif layer in errors and halt is None:
+                if stop_on_error or errors[layer].phase == "status":
+                    halt = i
+            else:
+                errors.pop(layer, None)
+                skipped.append((layer, items[halt][0] if halt is not None else layer))
+        return applied, errors, skipped
+
+    def _groups(self, indices: list[int], items: list[Any], world: int,
+                group_bytes: int | None) -> list[list[int]]:
+        """Cut ``indices`` into consecutive groups of about ``group_bytes`` received bytes,
+        from plan data and verified layouts only (the same groups on every rank)."""
+        if not indices:
+            return []
+        sizes = []
+        for i in indices:
+            lt: LayerTransfers = items[i][1]
+            per_rank = [0] * world
+            for t in lt.transfers:
+                per_rank[t.dst_rank] += 1
+            for c in lt.local_copies:
+                if c.staged:
+                    per_rank[c.rank] += 1
+            sizes.append(max(per_rank) * self.expert_bytes(items[i][0]))
+        target = group_bytes
+        if target is None:
+            target = min(max(sum(sizes) // 4, _MIN_GROUP), _MAX_GROUP)
+        out: list[list[int]] = [[]]
+        acc = 0
+        for i, size in zip(indices, sizes, strict=True):
+            if out[-1] and acc >= target:
+                out.append([])
+                acc = 0
+            out[-1].append(i)
+            acc += size
+        return out
+
+    def _post(self, indices: list[int], items: list[Any], works: list[_LayerWork | None],
+              comm: _Comm) -> _Group:
+        """Lay out the group's staging buffer, stage local copies, post every P2P op."""
+        start = time.perf_counter()
+        self._flip ^= 1
+        batch = _Group(indices, [w for i in indices if (w := works[i]) is not None],
+                       self._flip, start)
+        total = 0
+        for work in batch.works:
+            work.base_offset = total
+            total += work.nbytes
+        device = batch.works[0].device
         try:
-            work.stage()
-            if fault is not None:
-                fault("post")
-            handles = comm.post(work.ops(comm, tag))
-            comm.wait(handles, timeout_s)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
-            if fault is not None:
-                fault("received")
-            ok, reason = 1, None
+            if total:
+                buf = self._staging_buffer(batch.buffer, total, device)
+                batch.buf = buf
+                for work in batch.works:
+                    work.staging = buf[work.base_offset:work.base_offset + work.nbytes]
+                    work.stage()
+            for i in indices:
+                hook = items[i][2]
+                if hook is not None:
+                    hook("post")
+            ops: list[Any] = []
+            for work in batch.works:
+                ops += work.ops(comm)
+            batch.handles = comm.post(ops)
         except Exception as exc:
-            ok, reason = 0, f"{type(exc).__name__}: {exc}"
-            # Pending receives may still target the staging buffer: never reuse it.
-            self._staging[buffer] = None
-        transfer_seconds = time.perf_counter() - t_post
+            batch.error = f"{type(exc).__name__}: {exc}"
+        return batch
 
-        # 5. status.
-        try:
-            status = comm.allreduce_min([ok, rank if not ok else world])
-        except Exception as exc:
-            self._staging[buffer] = None
-            raise MigrationError(layer, "status", None, reason or str(exc)) from exc
-        if status[0] != 1:
-            self._staging[buffer] = None
-            raise MigrationError(layer, "transfer", status[1], reason)
-
-        # 6. commit: every rank's transfers for this layer completed.
-        if device.type == "cuda":
-            stream = self._commit_stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # the receives landed
-            with torch.cuda.stream(stream):
-                work.commit()
-            event = torch.cuda.Event()
-            event.record(stream)
-            self._committed[layer] = event
-            if work.staging is not None:
-                work.staging.record_stream(stream)
-                self._released[buffer] = event
-            if synchronize:
-                self.wait_commits(host=True)
+    def _complete(self, batch: _Group, items: list[Any], comm: _Comm,
+                  timeout_s: float | None) -> None:
+        """Wait for the group's transfers, run the ``received`` hooks, start the status
+        all-reduce ``[ok, rank-if-failed]`` per layer (not waited for here)."""
+        ok = [1] * len(batch.indices)
+        reasons: list[str | None] = [batch.error] * len(batch.indices)
+        device = batch.works[0].device
+        if batch.error is None:
+            try:
+                comm.wait(batch.handles, timeout_s)
+            except Exception as exc:
+                batch.error = f"{type(exc).__name__}: {exc}"
+                reasons = [batch.error] * len(batch.indices)
+        if batch.error is not None:
+            ok = [0] * len(ok)
+            self._staging[batch.buffer] = None  # pending receives may still target it
         else:
-            work.commit()
-        return work.stats(time.perf_counter() - start, transfer_seconds)
+            hooks = [items[i][2] for i in batch.indices]
+            if any(h is not None for h in hooks) and device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # hooks may read the bytes
+            for j, hook in enumerate(hooks):
+                if hook is None:
+                    continue
+                try:
+                    hook("received")
+                except Exception as exc:
+                    ok[j], reasons[j] = 0, f"{type(exc).__name__}: {exc}"
+        batch.reasons = reasons
+        batch.transfer_end = time.perf_counter()
+        votes: list[int] = []
+        for flag in ok:
+            votes += [flag, comm.rank if not flag else comm.world]
+        try:
+            # On NCCL the all-reduce is stream-ordered after this rank's receives: its result,
+            # read on the host, proves every rank's receives of the group completed.
+            batch.status = comm.allreduce_min(votes)
+        except Exception as exc:
+            batch.status_error = str(exc)
+
+    def _finish(self, batch: _Group, items: list[Any], errors: dict[int, MigrationError],
+                done: dict[int, LayerMigrationStats], stop_on_error: bool) -> bool:
+        """Read the group's status; commit every layer every rank received (in stop mode: up
+        to the first failure). Returns whether to stop (the same on every rank)."""
+        status: list[int] | None = None
+        if batch.status is not None and batch.status_error is None:
+            try:
+                status = batch.status.result()
+            except Exception as exc:
+                batch.status_error = str(exc)
+        if status is None:
+            self._staging[batch.buffer] = None
+            for j, i in enumerate(batch.indices):
+                layer = items[i][0]
+                errors[layer] = MigrationError(layer, "status", None,
+                                               batch.reasons[j] or batch.status_error)
+            return True
+        stop = False
+        committed: list[_LayerWork] = []
+        for j, (i, work) in enumerate(zip(batch.indices, batch.works, strict=True)):
+            layer = items[i][0]
+            if stop:
+                continue
+            if status[2 * j] != 1:
+                errors[layer] = MigrationError(layer, "transfer", status[2 * j + 1],
+                                               batch.reasons[j])
+                self._staging[batch.buffer] = None
+                stop = stop_on_error
+                continue
+            committed.append(work)
+            batch.committed.append(i)
+        device = batch.works[0].device
+        if committed:
+            if device.type == "cuda":
+                stream = self._commit_stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))  # the receives landed
+                with torch.cuda.stream(stream):
+                    for work in committed:
+                        work.commit()
+                event = torch.cuda.Event()
+                event.record(stream)
+                for work in committed:
+                    self._committed[work.layer] = event
+                if batch.buf is not None:
+                    # The commit reads the buffer: keep it (even if dropped) until it is done.
+                    batch.buf.record_stream(stream)
+                    self._released[batch.buffer] = event
+            else:
+                for work in committed:
+                    work.commit()
+        seconds = (time.perf_counter() - batch.start) / len(batch.indices)
+        transfer = (batch.transfer_end - batch.start) / len(batch.indices)
+        for i, work in zip(batch.indices, batch.works, strict=True):
+            if i in batch.committed:
+                done[i] = work.stats(seconds, transfer)
+        return stop
+
+    def _abandon(self, batch: _Group, timeout_s: float | None) -> None:
+        """A group posted (on every rank) after an earlier one failed in stop mode: let its
+        transfers finish, never commit it."""
+        try:
+            if batch.error is None:
+                _Comm.wait(batch.handles, timeout_s)
+        except Exception:
+            pass
+        self._staging[batch.buffer] = None
 
     def wait_commits(self, host: bool = False) -> None:
         """Order the current CUDA stream after every commit so far (the forward that routes with
@@ -466,7 +655,7 @@ class ExpertWeights:
         return buf
 
     def _prepare(
-        self, layer: int, transfers: LayerTransfers, rank: int, world: int, buffer: int
+        self, layer: int, transfers: LayerTransfers, rank: int, world: int, tag: int
     ) -> _LayerWork:
         if not isinstance(transfers, LayerTransfers):
             raise TypeError(f"expected LayerTransfers, got {type(transfers).__name__}")
@@ -497,7 +686,6 @@ class ExpertWeights:
         for entry in entries:
             offsets.append(total)
             total += -(-items * entry.row_bytes // _ALIGN) * _ALIGN
-        buf = self._staging_buffer(buffer, total, device) if items else None
         return _LayerWork(
             layer=layer,
             entries=entries,
@@ -507,14 +695,34 @@ class ExpertWeights:
             receives=receives,
             copies=copies,
             staged_count=len(staged),
-            staging=buf,
+            staging=None,
             offsets=offsets,
             device=device,
+            nbytes=total,
+            tag=tag,
         )
 
 
 def _bind(fault: Callable[[int, str], None], layer: int) -> FaultHook:
     return lambda phase: fault(layer, phase)
+
+
+class _Status:
+    """An all-reduce result, fetched on demand (one device-to-host copy on NCCL)."""
+
+    def __init__(self, values: list[int] | None = None, work: Any = None,
+                 tensor: torch.Tensor | None = None, event: Any = None) -> None:
+        self._values, self._work, self._tensor, self._event = values, work, tensor, event
+
+    def result(self) -> list[int]:
+        if self._values is None:
+            if self._work is not None:
+                self._work.wait()
+            if self._event is not None:
+                self._event.synchronize()
+            assert self._tensor is not None
+            self._values = [int(v) for v in self._tensor.tolist()]
+        return self._values
 
 
 class _Comm:
@@ -532,13 +740,24 @@ class _Comm:
                 raise RuntimeError("a process group was given but torch.distributed is down")
             self.rank, self.world, self.nccl = 0, 1, False
 
-    def allreduce_min(self, values: Sequence[int]) -> list[int]:
+    def allreduce_min(self, values: Sequence[int]) -> _Status:
+        """Start an all-reduce MIN of ``values``; ``.result()`` waits for it. On NCCL the
+        vector goes up and comes back without blocking the host until ``result()``."""
         if not self.distributed:
-            return [int(v) for v in values]
-        where = torch.device("cuda", torch.cuda.current_device()) if self.nccl else "cpu"
-        tensor = torch.tensor(list(values), dtype=torch.int64, device=where)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
-        return [int(v) for v in tensor.tolist()]
+            return _Status([int(v) for v in values])
+        host = torch.tensor(list(values), dtype=torch.int64)
+        if not self.nccl:
+            work = dist.all_reduce(host, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+            return _Status(work=work, tensor=host)
+        device = torch.device("cuda", torch.cuda.current_device())
+        tensor = host.pin_memory().to(device, non_blocking=True)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+        work.wait()  # orders the current stream after the all-reduce (no host wait)
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Status(tensor=out, event=event)
 
     def op(self, kind: Callable[..., Any], tensor: torch.Tensor, peer: int, tag: int) -> Any:
         return dist.P2POp(kind, tensor, group=self.group, group_peer=peer, tag=tag)
@@ -548,7 +767,8 @@ class _Comm:
             return []
         return list(dist.batch_isend_irecv(ops))
 
-    def wait(self, handles: list[Any], timeout_s: float | None) -> None:
+    @staticmethod
+    def wait(handles: list[Any], timeout_s: float | None) -> None:
         for handle in handles:
             if timeout_s is None:
                 handle.wait()
@@ -574,6 +794,35 @@ def _runs(transfers: Sequence[Any], peer_of: Callable[[Any], int]) -> list[tuple
     return out
 
 
+def _spans(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(src, dst)`` row pairs -> ``(src0, dst0, n)`` spans where both advance by one."""
+    out: list[tuple[int, int, int]] = []
+    for src, dst in pairs:
+        if out and src == out[-1][0] + out[-1][2] and dst == out[-1][1] + out[-1][2]:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((src, dst, 1))
+    return out
+
+
+@dataclass
+class _Group:
+    """Layers moved by one ``batch_isend_irecv`` and agreed by one status all-reduce."""
+
+    indices: list[int]
+    works: list[_LayerWork]
+    buffer: int
+    start: float
+    handles: list[Any] = field(default_factory=list)
+    error: str | None = None
+    reasons: list[str | None] = field(default_factory=list)
+    transfer_end: float = 0.0
+    status: _Status | None = None
+    status_error: str | None = None
+    committed: list[int] = field(default_factory=list)
+    buf: torch.Tensor | None = None
+
+
 @dataclass
 class _LayerWork:
     """One rank's share of one layer: what it sends, receives, stages and writes."""
@@ -589,23 +838,9 @@ class _LayerWork:
     staging: torch.Tensor | None
     offsets: list[int]
     device: torch.device
-
-    def _slot(self, entry_index: int, item: int) -> torch.Tensor:
-        """Staging row of item ``item`` for tensor ``entry_index``."""
-        assert self.staging is not None
-        size = self.entries[entry_index].row_bytes
-        start = self.offsets[entry_index] + item * size
-        return self.staging[start:start + size]
-
-    def stage(self) -> None:
-        """Copy aside the sources of local copies that this layer overwrites."""
-        item = len(self.receives)
-        for copy in self.copies:
-            if not copy.staged:
-                continue
-            for k, entry in enumerate(self.entries):
-                self._slot(k, item).copy_(entry.rows[copy.src_slot - self.base])
-            item += 1
+    nbytes: int = 0  # staging bytes of this layer
+    tag: int = 0
+    base_offset: int = 0  # where its staging region starts in the group's buffer
 
     def _block(self, entry_index: int, item: int, count: int) -> torch.Tensor:
         """Staging rows ``[item, item + count)`` of tensor ``entry_index`` (contiguous)."""
@@ -614,45 +849,61 @@ class _LayerWork:
         start = self.offsets[entry_index] + item * size
         return self.staging[start:start + count * size]
 
-    def ops(self, comm: _Comm, tag: int) -> list[Any]:
+    def stage(self) -> None:
+        """Copy aside the sources of local copies that this layer overwrites."""
+        item = len(self.receives)
+        pairs = []
+        for copy in self.copies:
+            if copy.staged:
+                pairs.append((copy.src_slot - self.base, item))
+                item += 1
+        for src, dst, n in _spans(pairs):
+            for k, entry in enumerate(self.entries):
+                self._block(k, dst, n).copy_(entry.rows[src:src + n].reshape(-1))
+
+    def ops(self, comm: _Comm) -> list[Any]:
         """The P2P operations: per peer, per run, one op per registered tensor.
 
         A run is a maximal sequence of a (src, dst) pair's transfers, in plan order, whose
         source slots are consecutive: the sender sends its rows ``[a, a + n)`` of each tensor
         as one op, the receiver receives them into ``n`` consecutive staging rows (its receives
         are ordered by source rank, then plan order). Both sides derive the same runs from the
-        plan, so ops match one to one, in order, with equal sizes.
+        plan, so ops match one to one, in order, with equal sizes; a group posts its layers in
+        the same order on every rank.
         """
         ops: list[Any] = []
         for peer, run in _runs(self.sends, lambda t: t.dst_rank):
             first = run[0].src_slot - self.base
             for entry in self.entries:
-                ops.append(comm.op(dist.isend, entry.rows[first:first + len(run)], peer, tag))
+                ops.append(comm.op(dist.isend, entry.rows[first:first + len(run)], peer,
+                                   self.tag))
         item = 0
         for peer, run in _runs(self.receives, lambda t: t.src_rank):
             for k in range(len(self.entries)):
-                ops.append(comm.op(dist.irecv, self._block(k, item, len(run)), peer, tag))
+                ops.append(comm.op(dist.irecv, self._block(k, item, len(run)), peer, self.tag))
             item += len(run)
         return ops
 
     def commit(self) -> None:
-        """Write every changed slot of this rank (only after every rank's transfers completed)."""
+        """Write every changed slot of this rank (only after every rank's transfers completed):
+        one copy per tensor per span of consecutive staging rows -> consecutive slots."""
+        staged: list[tuple[int, int]] = []  # (staging item, local dst slot)
+        direct: list[tuple[int, int]] = []  # (local src slot, local dst slot)
         for i, t in enumerate(self.receives):
-            for k, entry in enumerate(self.entries):
-                src = self._slot(k, i)
-                for dst in t.dst_slots:
-                    entry.rows[dst - self.base].copy_(src)
+            staged += [(i, d - self.base) for d in t.dst_slots]
         item = len(self.receives)
         for copy in self.copies:
-            for k, entry in enumerate(self.entries):
-                # An unstaged source slot is unchanged in this layer: read it directly.
-                src = (
-                    self._slot(k, item) if copy.staged else entry.rows[copy.src_slot - self.base]
-                )
-                for dst in copy.dst_slots:
-                    entry.rows[dst - self.base].copy_(src)
             if copy.staged:
+                staged += [(item, d - self.base) for d in copy.dst_slots]
                 item += 1
+            else:  # an unstaged source slot is unchanged in this layer: read it directly
+                direct += [(copy.src_slot - self.base, d - self.base) for d in copy.dst_slots]
+        for src, dst, n in _spans(staged):
+            for k, entry in enumerate(self.entries):
+                entry.rows[dst:dst + n].view(-1).copy_(self._block(k, src, n))
+        for src, dst, n in _spans(direct):
+            for entry in self.entries:
+                entry.rows[dst:dst + n].copy_(entry.rows[src:src + n])
 
     def stats(self, seconds: float, transfer_seconds: float) -> LayerMigrationStats:
         expert = sum(e.row_bytes for e in self.entries)
