@@ -119,10 +119,17 @@ class BalanceReport:
 
 def evaluate(weight: FloatArray, placement: Placement) -> BalanceReport:
     """Balance of ``placement`` under the ``[L, E]`` load ``weight``."""
-    loads = rank_loads(weight, placement)
+    bound = lower_bound(weight, placement.num_slots, placement.topology.num_ranks)
+    return report(rank_loads(weight, placement), bound)
+
+
+def report(loads: FloatArray, bound: FloatArray) -> BalanceReport:
+    """Summarises ``[L, R]`` rank loads against the ``[L]`` lower bound of their layers.
+
+    Callers that evaluate several placements of one load compute the bound once and call this.
+    """
     per_layer = balancedness(loads)
     imbalance = imbalance_ratio(loads)
-    bound = lower_bound(weight, placement.num_slots, placement.topology.num_ranks)
     peak = loads.max(axis=1)
     over = np.divide(peak, bound, out=np.ones_like(peak), where=bound > 0)
     worst = int(per_layer.argmin())

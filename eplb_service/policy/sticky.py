@@ -30,8 +30,8 @@ import numpy.typing as npt
 from eplb_service.balance import (
     BalanceReport,
     balancedness,
-    imbalance_ratio,
     lower_bound,
+    report,
 )
 from eplb_service.balance import as_load as as_float_load
 from eplb_service.migration import MigrationSummary, summarize_migration
@@ -420,19 +420,7 @@ def _report(weight: F64, phy2log: I64, topology: Topology, bound: F64) -> Balanc
     """:func:`eplb_service.balance.evaluate` with the lower bound computed once per plan."""
     t = topology
     loads = item_loads(weight, phy2log.reshape(t.num_layers, t.num_ranks, -1)).sum(axis=2)
-    per_layer = balancedness(loads)
-    imbalance = imbalance_ratio(loads)
-    peak = loads.max(axis=1)
-    over = np.divide(peak, bound, out=np.ones_like(peak), where=bound > 0)
-    worst = int(per_layer.argmin())
-    return BalanceReport(
-        balancedness_mean=float(per_layer.mean()),
-        balancedness_worst=float(per_layer[worst]),
-        worst_layer=worst,
-        imbalance_mean=float(imbalance.mean()),
-        imbalance_max=float(imbalance.max()),
-        max_over_lower_bound=float(over.mean()),
-    )
+    return report(loads, bound)
 
 
 def _mean_balancedness(weight: F64, phy2log: I64, num_ranks: int) -> float:
