@@ -456,6 +456,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "simulate-agents",
         help="run R simulated engine ranks (real agents) against a service",
+        allow_abbrev=False,  # `--token X` must not silently mean `--token-file X`
         description=__doc__.split("\n\n")[2] if __doc__ else None,
     )
     parser.error = _one_line_error(parser.prog)
@@ -492,7 +493,6 @@ def register(subparsers: Any) -> None:
                         help="load-generator mode: record_counts of one layer per rank per step")
     parser.add_argument("--ranks-per-channel", type=int, default=64, metavar="N",
                         help="streams sharing one gRPC connection (default 64)")
-    parser.add_argument("--token", default=None, help="bearer token sent as metadata")
     parser.add_argument("--token-file", default=None, metavar="FILE",
                         help="read the bearer token from FILE (default: env EPLB_TOKEN)")
     parser.add_argument("--tls-ca", default=None, metavar="FILE",
@@ -510,7 +510,7 @@ def _token_from_args(args: argparse.Namespace) -> str | None:
         if not token or not token[0].strip():
             raise UsageError(f"--token-file {args.token_file!r}: is empty")
         return token[0].strip()
-    return args.token or os.environ.get("EPLB_TOKEN") or None
+    return os.environ.get("EPLB_TOKEN") or None
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
