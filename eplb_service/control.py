@@ -432,14 +432,26 @@ class ControlPlane:
                     dep.active_placement,
                 )
             )
-        elif version > dep.active_version and version in dep.placements:
-            # The group switched to a version whose rollout this process did not see finish
-            # (e.g. it restarted mid-rollout): the ranks are the truth.
-            log.warning("%s: rank %d routes with v%d; adopting it", dep.name, hello.rank, version)
-            dep.activate(version)
-            self.telemetry.active_version.labels(dep.name).set(version)
-            await self.store.save_deployment(dep.record())
+        else:
+            await self._adopt_rank_version(dep, hello.rank, version)
         return link
+
+    async def _adopt_rank_version(self, dep: Deployment, rank: int, version: int) -> None:
+        """Makes ``version`` active when a rank routes with it and no rollout is in flight.
+
+        Ranks switch only together (the in-band agreement), so one rank routing with an issued
+        version newer than the active one means the whole group switched under a rollout this
+        process did not see finish: it restarted mid-rollout, or the rollout timed out just
+        after the switch. The ranks are the truth.
+        """
+        if dep.rollout is not None or version <= dep.active_version:
+            return
+        if version not in dep.placements:
+            return
+        log.warning("%s: rank %d routes with v%d; adopting it", dep.name, rank, version)
+        dep.activate(version)
+        self.telemetry.active_version.labels(dep.name).set(version)
+        await self.store.save_deployment(dep.record())
 
     @staticmethod
     def _rollout_id_of(dep: Deployment, version: int) -> str:
@@ -609,6 +621,8 @@ class ControlPlane:
             status.active_version = ack.version
             status.step = ack.step
         await self.rollouts.on_ack(dep, link, ack)
+        if ack.status == eplb_pb2.PlanAck.STATUS_APPLIED:
+            await self._adopt_rank_version(dep, link.rank, ack.version)
 
     async def heartbeat(self, link: AgentLink, heartbeat: eplb_pb2.Heartbeat) -> None:
         dep = self._dep_of(link)
@@ -618,6 +632,7 @@ class ControlPlane:
         if heartbeat.active_version <= dep.latest_version:
             status.active_version = heartbeat.active_version
             await self.rollouts.on_rank_version(dep, link.rank, heartbeat.active_version)
+            await self._adopt_rank_version(dep, link.rank, heartbeat.active_version)
 
     def disconnect(self, link: AgentLink) -> None:
         dep = self.deployments.get(link.deployment)

@@ -252,6 +252,30 @@ def test_rollout_times_out_and_is_cancelled(service_factory, raw_agent, http):
     assert status == 202 and again["version"] == 2
 
 
+def test_switch_right_after_a_timeout_is_adopted_from_applied_acks(
+    service_factory, raw_agent, http
+):
+    """Ranks switch only together: if they switched just as the rollout timed out, the APPLIED
+    acks that follow the cancel make the service adopt the version the fleet routes with."""
+    service = service_factory(rollout_timeout_s=0.3)
+    agents = connect_all(raw_agent, service)
+    status, started = http("POST", url(service, "/rebalance"), {})
+    assert status == 202
+    plans = [agent.recv("plan").plan for agent in agents]
+    wait_for(
+        lambda: rollout_state(http, service, started["rollout_id"])["state"] == "cancelled"
+    )
+    assert http("GET", url(service))[1]["active_version"] == 0
+    for agent, plan in zip(agents, plans, strict=True):
+        agent.ack_plan(plan, "applied")
+    detail = wait_for(
+        lambda: (d := http("GET", url(service))[1])["active_version"] == plans[0].version and d
+    )
+    assert detail["active_version"] == 1
+    status, placement = http("GET", url(service, "/placement"))
+    assert status == 200 and placement["version"] == 1
+
+
 def test_failed_ack_fails_and_cancels(service, raw_agent, http):
     agents = connect_all(raw_agent, service)
     status, started = http("POST", url(service, "/rebalance"), {})
