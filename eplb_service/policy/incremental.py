@@ -94,10 +94,19 @@ def materialize(paths: Paths, point: I64) -> I64:
     starts = np.searchsorted(row_sorted, np.arange(num_rows))
     index = np.empty_like(order)
     index[order] = np.arange(order.size) - starts[row_sorted]
-    take = index < point[paths.swap_row] - 1
-    for m in np.flatnonzero(take):  # in log order: a row's swaps stay in sequence
-        r, a, b = paths.swap_row[m], paths.swap_a[m], paths.swap_b[m]
-        flat[r, a], flat[r, b] = flat[r, b], flat[r, a]
+    take = np.flatnonzero(index < point[paths.swap_row] - 1)
+    # The j-th swaps of all rows at once (one per row), j in order: a row's swaps stay in
+    # sequence.
+    j_of = index[take]
+    by_j = take[np.argsort(j_of, kind="stable")]
+    bounds = np.searchsorted(j_of[np.argsort(j_of, kind="stable")],
+                             np.arange(int(j_of.max(initial=-1)) + 2))
+    flat_all = out.reshape(-1)  # view
+    for j in range(bounds.size - 1):
+        m = by_j[bounds[j] : bounds[j + 1]]
+        base = paths.swap_row[m] * flat.shape[1]
+        fa, fb = base + paths.swap_a[m], base + paths.swap_b[m]
+        flat_all[fa], flat_all[fb] = flat_all[fb], flat_all[fa]
     return out
 
 
@@ -148,20 +157,34 @@ def _reassign(weight: F64, current: I64, counts: I64, goal: F64, costs: SwapCost
     new_expert, new_row = new_expert[key], new_row[key]
     starts = np.concatenate([[0], np.cumsum(deficit.sum(axis=1))])
     rank_in_row = np.arange(new_row.size) - starts[new_row]
+    # Only freed slots can receive: each row's free slots in slot order (padded), so that the
+    # first minimum below is the same slot as over all of the row's slots.
+    free_row, free_slot = np.nonzero(flat < 0)
+    num_free = np.bincount(free_row, minlength=num_rows)
+    free_start = np.concatenate([[0], np.cumsum(num_free)])
+    free_pos = np.arange(free_row.size) - free_start[free_row]
+    width = int(num_free.max(initial=0))
+    slots = np.zeros((num_rows, width), dtype=np.int64)
+    slot_open = np.zeros((num_rows, width), dtype=bool)
+    slots[free_row, free_pos] = free_slot
+    slot_open[free_row, free_pos] = True
     for k in range(int(rank_in_row.max(initial=-1)) + 1):
         sel = rank_in_row == k
         r_ids, e_ids = new_row[sel], new_expert[sel]
-        free_now = flat[r_ids] < 0  # [a, P]
+        cand = slots[r_ids]  # [a, F]
+        cand_rank = cand // per_rank
+        r_col = r_ids[:, None]
+        free_now = slot_open[r_ids] & (flat[r_col, cand] < 0)  # [a, F]
         x = per[r_ids, e_ids]  # [a]
-        after = rank_load[r_ids][:, slot_rank] + x[:, None]  # [a, P]
-        cost = costs.arrival(r_ids[:, None], slot_rank[None, :], e_ids[:, None])  # [a, P]
+        after = rank_load[r_col, cand_rank] + x[:, None]  # [a, F]
+        cost = costs.arrival(r_col, cand_rank, e_ids[:, None])  # [a, F]
         fits = free_now & (after <= goal[r_ids, None])
         score = np.where(
             fits.any(axis=1, keepdims=True),
             np.where(fits, cost * 1e6 + after, np.inf),  # cheapest fitting, then lightest
             np.where(free_now, after, np.inf),
         )
-        slot = score.argmin(axis=1)
+        slot = cand[np.arange(r_ids.size), score.argmin(axis=1)]
         flat[r_ids, slot] = e_ids
         rank_load[r_ids, slot // per_rank] += x
     return item

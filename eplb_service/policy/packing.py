@@ -39,6 +39,8 @@ PARTNERS = 4
 # Heavy ranks a row works on per step (each with its own partner).
 LANES = 1
 _REL_EPS = 1e-9
+# Added to the key of an invalid candidate in the costed swap search (finite keys are far below).
+_OFF = 1e300
 # With costs, a move's value is its gain minus this fraction of the gap to the target per unit
 # of cost: the biggest step toward the target first, the cheaper of nearly equal steps.
 COST_WEIGHT = 0.05
@@ -238,6 +240,10 @@ def refine_swaps(
     if per_rank < 1 or num_partners < 1:
         active = active[:0]
 
+    if lanes == 1 and costs is not None and slot_cost is not None and holdings is not None:
+        _costed_steps(load, item, rank_load, target, active, moves, max_moves, num_partners,
+                      costs, slot_cost, holdings, logs)
+        active = active[:0]
     while active.size:
         rl = rank_load[active]  # [a, R]
         order = np.argsort(-rl, axis=1)
@@ -352,6 +358,124 @@ def refine_swaps(
         arrivals=cat("arrivals", np.int64),  # type: ignore[arg-type]
     )
     return load, item, log
+
+
+def _costed_steps(
+    load: F64, item: I64, rank_load: F64, target: F64, active: I64, moves: I64, max_moves: int,
+    num_partners: int, costs: SwapCosts, slot_cost: F64, holdings: _Holdings,
+    logs: dict[str, list[npt.NDArray[np.generic]]],
+) -> None:
+    """:func:`refine_swaps` with costs and one lane: the same moves, fewer array passes.
+
+    Works on flat views (slot, holding and tier indices computed once per step; the swap and
+    its bookkeeping as :func:`_swap` and :meth:`_Holdings.move` do them) and keeps the candidate
+    keys in reused ``[a, S, K * S]`` buffers. Invalid candidates get ``+_OFF``; the best is the
+    first minimum, the same choice as the general loop's first maximum of ``-key`` (loads are
+    finite).
+    """
+    _, num_ranks, per_rank = load.shape
+    num_experts = costs.tier.shape[2]
+    width = holdings.held.shape[2]
+    ks = num_partners * per_rank
+    load_f, item_f, cost_f = load.reshape(-1), item.reshape(-1), slot_cost.reshape(-1)
+    held_f = holdings.held.reshape(-1)
+    tier_f = costs.tier.reshape(-1)
+    orig_f, orig_held_f = costs.original.reshape(-1), holdings.orig.reshape(-1)
+    rank_f = rank_load.reshape(-1)  # views
+    slot_index = np.arange(per_rank)
+    # Candidate buffers, reused by every step (allocating them each step costs page faults).
+    buf_a = np.empty(active.size * per_rank * ks)
+    buf_b = np.empty_like(buf_a)
+    buf_c = np.empty(buf_a.size, dtype=bool)
+    while active.size:
+        rl = rank_load[active]  # [a, R]
+        order = np.argsort(-rl, axis=1)
+        heavy = order[:, 0]
+        ar = np.arange(active.size)
+        h_load = rl[ar, heavy]
+        t = target[active]
+        keep = (h_load > t * (1 + _REL_EPS)) & (moves[active] < max_moves)
+        if not keep.all():
+            active, rl, order, heavy, h_load, t = (
+                active[keep], rl[keep], order[keep], heavy[keep], h_load[keep], t[keep]
+            )
+            if active.size == 0:
+                break
+            ar = np.arange(active.size)
+        a = active.size
+        partners = order[:, num_ranks - num_partners :]  # [a, K], lightest ranks
+        p_load = rl[ar[:, None], partners]  # [a, K]
+        h_rank = active * num_ranks + heavy  # [a]
+        p_rank = active[:, None] * num_ranks + partners  # [a, K]
+        fh = h_rank[:, None] * per_rank + slot_index  # [a, S]
+        fp = (p_rank[:, :, None] * per_rank + slot_index).reshape(a, ks)  # [a, KS]
+        x_h, x_p = load_f[fh], load_f[fp]
+        e_h, e_p = item_f[fh], item_f[fp]
+        size = a * per_rank * ks
+        h_after = buf_a[:size].reshape(a, per_rank, ks)  # [a, S, KS]
+        p_after = buf_b[:size].reshape(a, per_rank, ks)
+        invalid = buf_c[:size].reshape(a, per_rank, ks)
+        np.add((h_load[:, None] - x_h)[:, :, None], x_p[:, None, :], out=h_after)
+        np.add(x_h[:, :, None], (np.repeat(p_load, per_rank, axis=1) - x_p)[:, None, :],
+               out=p_after)
+        score = np.maximum(h_after, p_after, out=h_after)
+        key = np.maximum(score, t[:, None, None], out=p_after)
+        weight_c = COST_WEIGHT * (h_load - t)  # [a]
+        dup_h = held_f[(h_rank * width)[:, None] + e_p] > 0  # [a, KS]
+        dup_p = held_f[(p_rank * width)[:, None, :] + e_h[:, :, None]] > 0  # [a, S, K]
+        arr_h = _COST_OF_TIER[tier_f[(h_rank * num_experts)[:, None] + e_p]]
+        arr_p = _COST_OF_TIER[tier_f[(p_rank * num_experts)[:, None, :] + e_h[:, :, None]]]
+        into_h = np.where(dup_h, np.inf, (arr_h - cost_f[fp]) * weight_c[:, None])
+        into_p = np.where(dup_p, np.inf,
+                          (arr_p - cost_f[fh][:, :, None]) * weight_c[:, None, None])
+        key += into_h[:, None, :]
+        split = key.reshape(a, per_rank, num_partners, per_rank)  # view
+        split += into_p[:, :, :, None]
+        # Swaps that do not lower the heavy rank get +_OFF (adding 0.0 leaves the others
+        # exact; a masked fill costs twice as much): the first minimum is the general loop's
+        # choice, and a row is stuck when even that is off or +inf (finite keys << _OFF).
+        np.greater_equal(score, (h_load * (1 - _REL_EPS))[:, None, None], out=invalid)
+        np.multiply(invalid, _OFF, out=score)
+        key += score
+        flat = key.reshape(a, -1)
+        best = flat.argmin(axis=1)
+        ok = flat[ar, best] < 0.5 * _OFF
+        if ok.any():
+            g = np.flatnonzero(ok)
+            i, rest = np.divmod(best[g], ks)
+            pk, j = np.divmod(rest, per_rank)
+            r, h, p = active[g], heavy[g], partners[g, pk]
+            # The swap (as _swap does it, on the flat indices at hand).
+            fa, fb = fh[g, i], fp[g, rest]
+            la, lb = load_f[fa], load_f[fb]
+            load_f[fa], load_f[fb] = lb, la
+            ea, eb = item_f[fa], item_f[fb]
+            item_f[fa], item_f[fb] = eb, ea
+            ra, rb = h_rank[g], p_rank[g, pk]
+            rank_f[ra] += lb - la
+            rank_f[rb] += la - lb
+            oa, ob = orig_f[fa], orig_f[fb]
+            cost_f[fa] = np.where(oa == eb, 0.0, _COST_OF_TIER[tier_f[ra * num_experts + eb]])
+            cost_f[fb] = np.where(ob == ea, 0.0, _COST_OF_TIER[tier_f[rb * num_experts + ea]])
+            # Holdings: rank a gives up ea and takes eb, rank b the reverse (ranks differ).
+            out_f = np.concatenate([ra * width + ea, rb * width + eb])
+            into_f = np.concatenate([ra * width + eb, rb * width + ea])
+            gone = (held_f[out_f] == 1) & ~orig_held_f[out_f]
+            held_f[out_f] -= 1
+            new = (held_f[into_f] == 0) & ~orig_held_f[into_f]
+            held_f[into_f] += 1
+            d_arr = new.astype(np.int64) - gone
+            holdings.changed[r] += ((oa != eb).astype(np.int64) - (oa != ea) + (ob != ea)
+                                    - (ob != eb))
+            holdings.arrivals[r] += d_arr[: r.size] + d_arr[r.size :]
+            moves[r] += 1
+            logs["row"].append(r)
+            logs["slot_a"].append(h * per_rank + i)
+            logs["slot_b"].append(p * per_rank + j)
+            logs["peak"].append(rank_load[r].max(axis=1))
+            logs["changed"].append(holdings.changed[r])
+            logs["arrivals"].append(holdings.arrivals[r])
+        active = active[ok]
 
 
 def _apply_lanes(
