@@ -485,15 +485,15 @@ def plan(
     before = _report(load, cur.phy2log, t, bound)
     migration = summarize_migration(cur, placement, expert_bytes)
     gain = after.balancedness_mean - before.balancedness_mean
-    unchanged = summarize_migration(cur, cur, expert_bytes)
     if migration.slots_changed == 0:
-        return PlanResult(cur, before, before, fresh, unchanged, sol.strategy,
+        # ``placement`` equals ``cur``: its migration summary is already the empty one.
+        return PlanResult(cur, before, before, fresh, migration, sol.strategy,
                           sol.strategy_reason, changed=False,
                           reason=sol.note or "the placement in service is already within "
                           "tolerance of the fresh plan")
     if min_gain > 0 and gain < min_gain:
-        return PlanResult(cur, before, before, fresh, unchanged, sol.strategy,
-                          sol.strategy_reason, changed=False,
+        return PlanResult(cur, before, before, fresh, summarize_migration(cur, cur, expert_bytes),
+                          sol.strategy, sol.strategy_reason, changed=False,
                           reason=f"predicted gain {gain:.4f} < min_gain {min_gain:g}")
     return PlanResult(placement, before, after, fresh, migration, sol.strategy,
                       sol.strategy_reason, changed=True, reason=sol.note)
