@@ -18,6 +18,7 @@ from eplb_service.balance import (
     slot_loads,
 )
 from eplb_service.placement import Placement, Topology
+from tests.helpers import placements_of
 
 # DeepSeek EPLB README example load: 2 layers x 12 experts; 16 slots, 8 GPUs, 2 nodes.
 README_LOAD = np.array(
@@ -158,16 +159,7 @@ def loaded_placements(draw: st.DrawFn) -> tuple[np.ndarray, Placement]:
     num_ranks = draw(st.integers(1, 5))
     per_rank = -(-num_experts // num_ranks) + draw(st.integers(0, 3))
     num_slots = num_ranks * per_rank
-    rows = []
-    for _ in range(num_layers):
-        extra = draw(
-            st.lists(
-                st.integers(0, num_experts - 1),
-                min_size=num_slots - num_experts,
-                max_size=num_slots - num_experts,
-            )
-        )
-        rows.append(draw(st.permutations([*range(num_experts), *extra])))
+    placement = draw(placements_of(Topology(num_layers, num_experts, num_slots, num_ranks)))
     values = st.one_of(
         st.integers(0, 1000).map(float),
         st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False),
@@ -175,8 +167,7 @@ def loaded_placements(draw: st.DrawFn) -> tuple[np.ndarray, Placement]:
     load = draw(
         st.lists(values, min_size=num_layers * num_experts, max_size=num_layers * num_experts)
     )
-    t = Topology(num_layers, num_experts, num_slots, num_ranks)
-    return np.array(load).reshape(num_layers, num_experts), Placement(np.array(rows), t)
+    return np.array(load).reshape(num_layers, num_experts), placement
 
 
 @settings(max_examples=200, deadline=None)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from eplb_service.balance import evaluate
-from eplb_service.cli import main
 from eplb_service.cli.plan import DEFAULT_POLICY
 from eplb_service.loadfile import read_placement
 from eplb_service.placement import Placement, Topology
 from eplb_service.policy import rebalance_experts
 from eplb_service.workloads import SAMPLE_PATH, zipf
+from tests.helpers import run_plan_cli
 
 LOAD = zipf(4, 16, 3, exponent=1.2, tokens=50_000)  # [4, 16]
 SIZES = ["--num-slots", "24", "--num-ranks", "4", "--num-nodes", "2", "--num-groups", "4"]
@@ -68,17 +68,8 @@ MIGRATION_KEYS = {
 }
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["plan", *argv])
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def plan_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
-    code, out, err = run_cli(capsys, *argv, "--json")
+    code, out, err = run_plan_cli(capsys, *argv, "--json")
     assert code == 0, err
     assert err == ""
     assert len(out.strip().splitlines()) == 1  # ONE JSON object
@@ -197,7 +188,9 @@ def test_migration_from_current(
 
 
 def test_terminal_summary(capsys: pytest.CaptureFixture[str], load_npy: Path) -> None:
-    code, out, err = run_cli(capsys, "--load", str(load_npy), *SIZES, "--expert-bytes", "44040192")
+    code, out, err = run_plan_cli(
+        capsys, "--load", str(load_npy), *SIZES, "--expert-bytes", "44040192"
+    )
     assert code == 0 and err == ""
     for text in (
         "before (identity)",
@@ -370,7 +363,7 @@ def test_bad_input_exits_2_with_one_line(
 ) -> None:
     names = {k: str(v) for k, v in _bad_files(tmp_path).items()}
     argv = [a.format(tmp=tmp_path, load=load_npy, **names) for a in argv]
-    code, out, err = run_cli(capsys, *argv)
+    code, out, err = run_plan_cli(capsys, *argv)
     assert code == 2, (case, out, err)
     assert out == ""
     lines = err.strip("\n").split("\n")

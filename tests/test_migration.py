@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from eplb_service.migration import summarize_migration
 from eplb_service.placement import Placement, PlacementError, Topology
+from tests.helpers import placements_of
 
 # 4 ranks of 2 slots on 2 nodes: ranks 0-1 on node 0, ranks 2-3 on node 1.
 TOPO = Topology(num_layers=1, num_experts=4, num_slots=8, num_ranks=4, num_nodes=2)
@@ -90,21 +91,7 @@ def placement_pairs(draw: st.DrawFn) -> tuple[Placement, Placement]:
     per_rank = -(-num_experts // num_ranks) + draw(st.integers(0, 2))
     num_slots = num_ranks * per_rank
     t = Topology(num_layers, num_experts, num_slots, num_ranks, num_nodes)
-
-    def one() -> Placement:
-        rows = []
-        for _ in range(num_layers):
-            extra = draw(
-                st.lists(
-                    st.integers(0, num_experts - 1),
-                    min_size=num_slots - num_experts,
-                    max_size=num_slots - num_experts,
-                )
-            )
-            rows.append(draw(st.permutations([*range(num_experts), *extra])))
-        return Placement(np.array(rows), t)
-
-    return one(), one()
+    return draw(placements_of(t)), draw(placements_of(t))
 
 
 @settings(max_examples=150, deadline=None)

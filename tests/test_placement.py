@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb_service.placement import Placement, PlacementError, Topology, as_int_array
+from tests.helpers import placements_of
 
 # DeepSeek EPLB README example: 12 experts, 16 slots, 8 GPUs, 2 nodes; its first plan row.
 README_ROW = [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]
@@ -196,18 +197,8 @@ def placements(draw: st.DrawFn) -> Placement:
     num_ranks = num_nodes * draw(st.integers(1, 3))
     per_rank = draw(st.integers(-(-num_experts // num_ranks), -(-num_experts // num_ranks) + 3))
     num_slots = num_ranks * per_rank
-    rows = []
-    for _ in range(num_layers):
-        extra = draw(
-            st.lists(
-                st.integers(0, num_experts - 1),
-                min_size=num_slots - num_experts,
-                max_size=num_slots - num_experts,
-            )
-        )
-        rows.append(draw(st.permutations([*range(num_experts), *extra])))
     t = Topology(num_layers, num_experts, num_slots, num_ranks, num_nodes)
-    return Placement(np.array(rows, dtype=np.int64), t)
+    return draw(placements_of(t))
 
 
 @settings(max_examples=150, deadline=None)

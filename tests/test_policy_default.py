@@ -15,6 +15,7 @@ from eplb_service.migration import summarize_migration
 from eplb_service.placement import Placement, Topology
 from eplb_service.policy import POLICIES, rebalance_experts
 from eplb_service.policy.sticky import plan
+from tests.helpers import run_plan_cli
 
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -297,17 +298,6 @@ def test_budget_needs_current() -> None:
 # --- eplb plan with the default policy ---------------------------------------------------------
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    from eplb_service.cli import main
-
-    try:
-        code = main(["plan", *argv])
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def cli_files(tmp_path: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
     weight = workloads.hot(4, 32, 2, tokens=100_000)
@@ -324,17 +314,20 @@ def test_cli_default_policy_budget_and_gate(
     capsys: pytest.CaptureFixture[str], cli_files: tuple[str, str, list[str]]
 ) -> None:
     load, cur, sizes = cli_files
-    code, out, err = _cli(capsys, "--load", load, "--current", cur, *sizes, "--max-moves", "10",
-                          "--json")
+    code, out, err = run_plan_cli(
+        capsys, "--load", load, "--current", cur, *sizes, "--max-moves", "10", "--json"
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["policy"] == "default" and report["changed"] is True
     assert report["migration"]["slots_changed"] <= 10
     assert report["strategy"] in ("global", "hierarchical") and report["strategy_reason"]
-    code, out, err = _cli(capsys, "--load", load, "--current", cur, *sizes, "--min-gain", "0.9")
+    code, out, err = run_plan_cli(
+        capsys, "--load", load, "--current", cur, *sizes, "--min-gain", "0.9"
+    )
     assert code == 0, err
     assert "no change: predicted gain" in out and "0/160 slots rewritten" in out
-    code, out, err = _cli(capsys, "--load", load, "--current", cur, *sizes,
+    code, out, err = run_plan_cli(capsys, "--load", load, "--current", cur, *sizes,
                           "--strategy", "global", "--json")
     assert code == 0 and json.loads(out)["strategy"] == "global"
 
@@ -359,7 +352,7 @@ def test_cli_bad_migration_options(
 
     load, cur, sizes = cli_files
     argv = ["--load", load, *sizes, *[a.replace("{cur}", cur) for a in extra]]
-    code, out, err = _cli(capsys, *argv)
+    code, out, err = run_plan_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
 
