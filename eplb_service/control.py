@@ -164,9 +164,9 @@ class ControlPlane:
         self.telemetry.store_errors.inc()
         log.error("store failure: %s", exc)
         if self.leadership is not None:
-            self.leadership.lose(f"store failure: {exc}")
+            self.leadership.lose(f"store unavailable: {exc}")
         else:
-            self.step_down(f"store failure: {exc}")
+            self.step_down(f"store unavailable: {exc}")
 
     def store_ok(self) -> None:
         if self.store_error is not None:
