@@ -152,17 +152,28 @@ class _Flip:
         self.layer0 = 0  # plans[layer0] applies to layer 0 next
         self.rest = 0  # plans[rest] applies to the other layers next
 
-    def one_layer(self) -> None:
-        self.weights.migrate_layer(0, self.plans[self.layer0][0])
+        # The rollout path verifies a plan once (MigratingSwitcher's first step); these are
+        # verified here, untimed, for the `verified` measurements.
+        for plan in self.plans:
+            assert not weights.preflight(plan)
+
+    def one_layer(self, preflight: bool = True) -> None:
+        self.weights.migrate_layer(0, self.plans[self.layer0][0], preflight=preflight)
         self.layer0 ^= 1
 
-    def all_layers(self) -> None:
+    def one_layer_verified(self) -> None:
+        self.one_layer(preflight=False)
+
+    def all_layers(self, preflight: bool = True) -> None:
         if self.layer0 != self.rest:
             self.one_layer()  # untimed alignment happens only between measurements
-        report = self.weights.migrate(self.plans[self.rest])
+        report = self.weights.migrate(self.plans[self.rest], preflight=preflight)
         assert not report.failed, report.failed
         self.layer0 ^= 1
         self.rest ^= 1
+
+    def all_layers_verified(self) -> None:
+        self.all_layers(preflight=False)
 
 
 def _throughput(rank: int, world: int, args: argparse.Namespace,
@@ -173,9 +184,11 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
         weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank)
         flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world)
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
+        t_layer_v = _median(flip.one_layer_verified, device, args.iters, args.warmup)
         if flip.layer0 != flip.rest:
             flip.one_layer()  # align layer 0 with the others before timing all layers
         t_all = _median(flip.all_layers, device, max(2, args.iters // 2), 1)
+        t_all_v = _median(flip.all_layers_verified, device, max(2, args.iters // 2), 1)
         del weights, flip
         t_plain1 = _median(_plain(rank, world, moves * expert, device), device, args.iters,
                            args.warmup)
@@ -191,11 +204,15 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
             "layer_ms": t_layer * 1e3,
             "layer_gbps": one / t_layer / 1e9,
             "layer_ratio": t_plain1 / t_layer,
+            "layer_verified_ms": t_layer_v * 1e3,
+            "layer_verified_ratio": t_plain1 / t_layer_v,
             "layers": args.tp_layers,
             "plain_all_ms": t_plain_all * 1e3,
             "migrate_all_ms": t_all * 1e3,
             "migrate_all_gbps": args.tp_layers * one / t_all / 1e9,
             "all_ratio": t_plain_all / t_all,
+            "migrate_all_verified_ms": t_all_v * 1e3,
+            "all_verified_ratio": t_plain_all / t_all_v,
         })
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -255,12 +272,16 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
             step_pauses = []
             for lo in range(0, args.layers, chunk):
                 layers = list(range(lo, min(lo + chunk, args.layers)))
-                step_pauses.append(_timed(lambda ls=layers, p=plan: _checked(weights, p, ls),
-                                          device))
+                # The rollout path: the first step verifies every layer (one pre-flight).
+                first = list(plan.changed_layers) if lo == 0 else None
+                step_pauses.append(_timed(
+                    lambda ls=layers, p=plan, f=first: _checked(weights, p, ls, f), device))
             if rep:  # the first is warm-up
                 pauses.append(max(step_pauses))
                 totals.append(sum(step_pauses))
         mine = sum(len(lt.receives(rank)) for lt in forward)
+        plain = _median(_plain_plan(rank, world, forward, 3 * args.hidden * args.ffn, device),
+                        device, max(2, args.iters // 2), 1)
         rows.append({
             "layers_per_step": per_step,
             "steps": -(-args.layers // chunk),
@@ -269,13 +290,41 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
             "transfers": forward.num_transfers,
             "local_copies": forward.num_local_copies,
             "mib_received_rank": mine * 3 * args.hidden * args.ffn / MiB,
+            "plain_ms": plain * 1e3,
+            "ratio": plain / statistics.median(totals),
         })
     return rows
 
 
-def _checked(weights: ExpertWeights, plan: Any, layers: list[int]) -> None:
-    report = weights.migrate(plan, layers=layers)
+def _checked(weights: ExpertWeights, plan: Any, layers: list[int],
+             verify: list[int] | None) -> None:
+    if verify is not None:
+        assert not weights.preflight(plan, layers=verify)
+    report = weights.migrate(plan, layers=layers, preflight=False)
     assert not report.failed, report.failed
+
+
+def _plain_plan(rank: int, world: int, plan: Any, expert: int, device: torch.device) -> Any:
+    """Plain send/recv of the bytes ``plan`` moves for this rank: one message per peer and
+    direction, each as large as all the experts of all layers exchanged with that peer."""
+    sends = [0] * world
+    recvs = [0] * world
+    for lt in plan:
+        for t in lt.transfers:
+            if t.src_rank == rank:
+                sends[t.dst_rank] += expert
+            if t.dst_rank == rank:
+                recvs[t.src_rank] += expert
+    bufs = [(peer, torch.zeros(n, dtype=torch.uint8, device=device), kind)
+            for kind, sizes in ((dist.isend, sends), (dist.irecv, recvs))
+            for peer, n in enumerate(sizes) if n]
+
+    def run() -> None:
+        ops = [dist.P2POp(kind, buf, group_peer=peer) for peer, buf, kind in bufs]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,32 +360,39 @@ def markdown(res: dict[str, Any]) -> str:
         f"Backend {res['backend']}, {res['world_size']} ranks, {res['device']}, torch "
         f"{res['torch']}, expert {res['expert_bytes'] / MiB:.1f} MiB (3 byte matrices).",
         "",
-        "| moves/rank | MiB each way | plain ms | plain GB/s | migrate_layer ms | GB/s | ratio "
-        "| layers | plain ms | migrate ms | GB/s | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "One layer per call, then `layers` layers per call; `ratio` = plain / migration for "
+        "the same bytes. `verified`: without the pre-flight all-reduce, as `MigratingSwitcher` "
+        "migrates after verifying the whole rollout once.",
+        "",
+        "| moves/rank | MiB each way | plain ms | plain GB/s | migrate_layer ms | ratio "
+        "| verified ms | ratio | layers | plain ms | migrate ms | ratio | verified ms | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["throughput"]:
         lines.append(
             f"| {r['moves']} | {r['mib_each_way']:.1f} | {r['plain_ms']:.3f} | "
-            f"{r['plain_gbps']:.2f} | {r['layer_ms']:.3f} | {r['layer_gbps']:.2f} | "
-            f"{r['layer_ratio']:.2f} | {r['layers']} | {r['plain_all_ms']:.3f} | "
-            f"{r['migrate_all_ms']:.3f} | {r['migrate_all_gbps']:.2f} | {r['all_ratio']:.2f} |"
+            f"{r['plain_gbps']:.2f} | {r['layer_ms']:.3f} | {r['layer_ratio']:.2f} | "
+            f"{r['layer_verified_ms']:.3f} | {r['layer_verified_ratio']:.2f} | "
+            f"{r['layers']} | {r['plain_all_ms']:.3f} | {r['migrate_all_ms']:.3f} | "
+            f"{r['all_ratio']:.2f} | {r['migrate_all_verified_ms']:.3f} | "
+            f"{r['all_verified_ratio']:.2f} |"
         )
     cfg = res["config"]
     lines += [
         "",
         f"Pause per rebalance: {cfg['layers']} layers x {cfg['slots']} slots/rank, churn "
-        f"{cfg['churn']}.",
+        f"{cfg['churn']}; the rollout path (one pre-flight on the first step). `plain`: one "
+        "send/recv per peer of the same bytes; `ratio` = plain / total.",
         "",
-        "| layers/step | steps | longest pause ms | total ms | transfers | local copies "
-        "| MiB received (rank 0) |",
-        "|---|---|---|---|---|---|---|",
+        "| layers/step | steps | longest pause ms | total ms | plain ms | ratio | transfers "
+        "| local copies | MiB received (rank 0) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["pause"]:
         lines.append(
             f"| {r['layers_per_step'] or 'all'} | {r['steps']} | {r['max_pause_ms']:.2f} | "
-            f"{r['total_ms']:.2f} | {r['transfers']} | {r['local_copies']} | "
-            f"{r['mib_received_rank']:.1f} |"
+            f"{r['total_ms']:.2f} | {r['plain_ms']:.2f} | {r['ratio']:.2f} | "
+            f"{r['transfers']} | {r['local_copies']} | {r['mib_received_rank']:.1f} |"
         )
     return "\n".join(lines)
 

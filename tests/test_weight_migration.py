@@ -92,6 +92,14 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int) -> dict[str,
         expert = weights.expert_bytes(0)
         mine = sum(len(plan[lyr].receives(rank)) for lyr in range(L))
         assert report.bytes_received == mine * expert
+    # The rollout path (MigratingSwitcher): one pre-flight for every layer, then migrations
+    # of verified layers without one, a layer at a time.
+    back = plan_transfers(maps[-1], maps[0], world, nodes)
+    out["verified"] = weights.preflight(back)
+    for layer in back.changed_layers:
+        weights.migrate(back, layers=[layer], preflight=False)
+    out["bad_verified"] = mismatches(weights, rank, maps[0])
+    weights.migrate(plan_transfers(maps[0], maps[-1], world, nodes))
     out["pointers_kept"] = pointers(weights) == before
     # An empty layer migrates as a no-op (every rank still makes the collectives).
     stats = weights.migrate_layer(0, plan_transfers(maps[-1], maps[-1], world, nodes)[0])
@@ -151,6 +159,11 @@ def _failures(rank: int, world: int, seed: int) -> dict[str, Any]:
     except MigrationError as exc:
         out["mismatch"] = (exc.phase, exc.reason)
 
+    # 3b. The same disagreement found by an explicit pre-flight: every rank learns it, and
+    # nothing moves.
+    out["preflight"] = {layer: (e.phase, e.reason)
+                        for layer, e in weights.preflight(wrong, layers=[1]).items()}
+
     # 4. One rank cannot take part (the last passes another layer's list): refused by all.
     try:
         weights.migrate_layer(1, plan[2] if rank == world - 1 else plan[1])
@@ -204,6 +217,7 @@ def test_random_migrations_move_exactly_the_new_map(world: int, nodes: int) -> N
         assert out["pointers_kept"], rank
         assert 1 not in out["layers"][1]  # unchanged layer skipped
         assert out["noop"] == (0, 0)
+        assert out["verified"] == {} and out["bad_verified"] == [], rank
     assert sum(out["bytes"] for out in results) > 0
 
 
@@ -222,6 +236,7 @@ def test_failure_on_one_rank_leaves_the_layer_untouched_everywhere() -> None:
         assert out["layer1_still_old"], rank
         assert out["mismatch"] == ("preflight", "ranks computed different plans"), rank
         assert out["not_ready"] == ("preflight", 2), rank
+        assert out["preflight"] == {1: ("preflight", "ranks computed different plans")}, rank
         assert out["still_old_after_refusals"], rank
         assert out["final_ok"] and out["pointers_kept"], rank
 

@@ -15,11 +15,16 @@ case of :meth:`ExpertWeights.migrate`)::
     2. ONE pre-flight all-reduce MIN of [ok, rank-if-failed, plan digest, -digest, layout,
        -layout] per layer: every rank learns, per layer, whether every rank is ready and holds
        the same plan and tensor layout; a layer that is not is refused before any byte moves.
+       (``preflight=False`` skips it for layers that :meth:`ExpertWeights.preflight` already
+       verified: :class:`MigratingSwitcher` verifies a rollout's layers once, at its start.)
     3. the ready layers are cut into groups of about ``group_bytes`` received bytes (from the
        plan and the checked layouts only: the same groups on every rank). Per group:
        stage local copies whose source slot is overwritten into the group's staging buffer;
-       post every layer's P2P ops in one torch.distributed.batch_isend_irecv (sends read
-       straight from the weight rows, receives land in the staging buffer).
+       pack every expert sent to a peer into that peer's send region (one contiguous region
+       per peer, laid out identically by the receiver, see :class:`_Layout`); post ONE send
+       and ONE receive per peer in one torch.distributed.batch_isend_irecv (receives land in
+       the staging buffer). One large message per peer is what the transport is fastest at:
+       one op per expert tensor costs NCCL a fixed overhead each.
     4. wait (bounded by ``timeout_s``), then start the status all-reduce MIN of
        [ok, rank-if-failed] per layer of the group (on NCCL: device tensors, one D2H).
     5. the next group is posted, then this group's status is read: every layer whose entry says
@@ -221,6 +226,7 @@ class ExpertWeights:
         self._committed: dict[int, Any] = {}  # layer -> CUDA event after its last commit
         self._copy_stream: Any = None
         self._calls = 0  # layers attempted so far: the same on every rank (P2P tags)
+        self._comms: dict[int | None, _Comm] = {}  # per process group (vote buffers)
         self._flip = 0  # staging buffer of the last group
 
     # -- registry ------------------------------------------------------------------------------
@@ -295,18 +301,25 @@ class ExpertWeights:
         stop_on_error: bool = False,
         fault: Callable[[int, str], None] | None = None,
         group_bytes: int | None = None,
+        preflight: bool = True,
     ) -> MigrationReport:
         """Migrate several layers (default: every layer of ``plan`` that changes), pipelined.
 
         One pre-flight all-reduce covers every layer; the layers then move in groups of about
         ``group_bytes`` received bytes (default: a quarter of the call's bytes, clamped to
-        64-512 MiB; the same groups on every rank): one ``batch_isend_irecv`` and one status
-        all-reduce per group, and group ``g``'s commit overlaps group ``g + 1``'s transfers.
-        Each layer keeps its own outcome: a layer that fails is left untouched on every rank
-        and recorded in ``failed``; the others are applied, unless ``stop_on_error`` or the
-        group broke (phase ``"status"``), which stops at that layer (the layers after it are
-        reported failed as not attempted, and never written). The outcome is the same on every
-        rank. ``fault(layer, phase)`` is called per layer as :meth:`migrate_layer` describes.
+        64-512 MiB; the same groups on every rank): per group, one packed send and one receive
+        per peer in one ``batch_isend_irecv`` and one status all-reduce, and group ``g``'s
+        commit overlaps group ``g + 1``'s transfers. Each layer keeps its own outcome: a layer
+        that fails is left untouched on every rank and recorded in ``failed``; the others are
+        applied, unless ``stop_on_error`` or the group broke (phase ``"status"``), which stops
+        at that layer (the layers after it are reported failed as not attempted, and never
+        written). The outcome is the same on every rank. ``fault(layer, phase)`` is called per
+        layer as :meth:`migrate_layer` describes.
+
+        ``preflight=False`` skips the pre-flight all-reduce. Only pass it for layers that
+        :meth:`preflight` already verified with the same plan on every rank (as
+        :class:`MigratingSwitcher` does once per rollout): a rank whose layer cannot be
+        prepared then posts nothing and its peers' transfers time out.
 
         The call returns after every commit finished (``wall_seconds`` covers it all).
         """
@@ -314,12 +327,34 @@ class ExpertWeights:
         todo = list(plan.changed_layers if layers is None else layers)
         items = [(layer, plan[layer], None if fault is None else _bind(fault, layer))
                  for layer in todo]
-        applied, errors, skipped = self._run(items, group, timeout_s, stop_on_error, group_bytes)
+        applied, errors, skipped = self._run(items, group, timeout_s, stop_on_error, group_bytes,
+                                             preflight)
         self.wait_commits(host=True)
         failed: dict[int, str] = {layer: str(exc) for layer, exc in errors.items()}
         for layer, first in skipped:
             failed[layer] = f"not attempted: layer {first} failed first"
         return MigrationReport(tuple(applied), failed, time.perf_counter() - start, errors)
+
+    def preflight(
+        self, plan: TransferPlan, group: Any = None, *, layers: Iterable[int] | None = None
+    ) -> dict[int, MigrationError]:
+        """Check, with one all-reduce (collective over ``group``), that every rank can migrate
+        ``layers`` (default: every changed layer of ``plan``) with the same plan and the same
+        registered tensor layouts. Returns layer -> error for the layers that cannot (the same
+        on every rank); nothing moves. After an empty result the caller may migrate these
+        layers with ``preflight=False``."""
+        comm = self._comm(group)
+        todo = list(plan.changed_layers if layers is None else layers)
+        works: list[_LayerWork | None] = []
+        reasons: list[str | None] = []
+        for layer in todo:
+            work, reason = self._try_prepare(layer, plan[layer], comm, 0)
+            works.append(work)
+            reasons.append(reason)
+        items: list[tuple[int, Any, FaultHook | None]] = [(layer, plan[layer], None)
+                                                          for layer in todo]
+        errors, _ = self._vote_ready(items, works, reasons, comm, stop_on_error=False)
+        return errors
 
     def migrate_layer(
         self,
@@ -330,6 +365,7 @@ class ExpertWeights:
         timeout_s: float | None = None,
         fault: FaultHook | None = None,
         synchronize: bool = True,
+        preflight: bool = True,
     ) -> LayerMigrationStats:
         """Move ``layer``'s expert weights as ``transfers`` says; collective over ``group``.
 
@@ -348,65 +384,62 @@ class ExpertWeights:
             synchronize: on CUDA, wait for the weight copies before returning (the stats then
                 time the whole move). With ``False`` the copies are left running on the copy
                 stream; call :meth:`wait_commits` before the engine routes with the new map.
+            preflight: run the pre-flight all-reduce (see :meth:`migrate`).
 
         Returns this rank's :class:`LayerMigrationStats`. Raises :class:`MigrationError` on
         every rank, with the layer's weights untouched on every rank, if it failed anywhere.
         """
-        applied, errors, _ = self._run([(layer, transfers, fault)], group, timeout_s, True, None)
+        applied, errors, _ = self._run([(layer, transfers, fault)], group, timeout_s, True, None,
+                                       preflight)
         if synchronize:
             self.wait_commits(host=True)
         if errors:
             raise errors[layer]
         return applied[0]
 
-    def _run(
+    def _comm(self, group: Any) -> _Comm:
+        """The group's :class:`_Comm`, kept so that its vote buffers are allocated once."""
+        key = id(group) if group is not None else None
+        comm = self._comms.get(key)
+        if comm is None or comm.group is not group or not comm.alive():
+            comm = _Comm(group)
+            self._comms[key] = comm
+        return comm
+
+    def _try_prepare(self, layer: int, transfers: Any, comm: _Comm,
+                     tag: int) -> tuple[_LayerWork | None, str | None]:
+        try:
+            return self._prepare(layer, transfers, comm.rank, comm.world, tag), None
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def _vote_ready(
         self,
         items: list[tuple[int, Any, FaultHook | None]],
-        group: Any,
-        timeout_s: float | None,
+        works: list[_LayerWork | None],
+        reasons: list[str | None],
+        comm: _Comm,
         stop_on_error: bool,
-        group_bytes: int | None,
-    ) -> tuple[list[LayerMigrationStats], dict[int, MigrationError], list[tuple[int, int]]]:
-        """The protocol for ``items`` (layer, transfers, hook) in order; see the module doc.
-
-        Returns (applied stats in order, layer -> error, [(layer not attempted, first failed)]).
-        Every branch below depends only on all-reduce results (shared by every rank) and on
-        the plan (the same everywhere, checked by digest), never on rank-local state.
-        """
-        comm = _Comm(group)
-        rank, world = comm.rank, comm.world
-        errors: dict[int, MigrationError] = {}
-        skipped: list[tuple[int, int]] = []
-
-        # 1. prepare (rank-local; errors are reported through the pre-flight all-reduce).
-        works: list[_LayerWork | None] = []
-        reasons: list[str | None] = []
+    ) -> tuple[dict[int, MigrationError], int]:
+        """The pre-flight all-reduce MIN of ``[ok, rank-if-failed, digest, -digest, layout,
+        -layout]`` per item. Returns (layer -> error, index of the first item not to attempt:
+        ``len(items)`` unless ``stop_on_error`` stopped earlier). A broken exchange fails the
+        first item in phase ``"status"`` and stops at it."""
         votes: list[int] = []
-        for layer, transfers, _ in items:
-            self._calls += 1
-            work: _LayerWork | None = None
-            reason: str | None = None
-            try:
-                work = self._prepare(layer, transfers, rank, world, self._calls % (1 << 20))
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            works.append(work)
-            reasons.append(reason)
+        for (layer, transfers, _), work in zip(items, works, strict=True):
             digest = transfers.digest if isinstance(transfers, LayerTransfers) else 0
             layout = self._layout_digest(layer)
             ok = int(work is not None)
-            votes += [ok, rank if not ok else world, digest, -digest, layout, -layout]
-
-        # 2. one pre-flight all-reduce for every layer.
+            votes += [ok, comm.rank if not ok else comm.world, digest, -digest, layout, -layout]
+        errors: dict[int, MigrationError] = {}
+        if not items:
+            return errors, 0
         try:
             pre = comm.allreduce_min(votes).result()
         except Exception as exc:
             first = items[0][0]
             errors[first] = MigrationError(first, "status", None, f"pre-flight exchange: {exc}")
-            skipped += [(layer, first) for layer, _, _ in items[1:]]
-            return [], errors, skipped
-        ready: list[int] = []  # indices into items, in order
-        stop_at = len(items)
+            return errors, 0
         for i, (layer, _, _) in enumerate(items):
             v = pre[6 * i:6 * i + 6]
             if v[0] != 1:
@@ -418,15 +451,59 @@ class ExpertWeights:
                     layer, "preflight", None, "ranks registered different tensor layouts"
                 )
             else:
-                ready.append(i)
                 continue
             errors[layer] = err
             if stop_on_error:
-                stop_at = i
-                break
+                return errors, i
+        return errors, len(items)
 
-        # 3.-6. per group: stage + post, wait + status all-reduce, commit (pipelined).
-        groups = self._groups([i for i in ready if i < stop_at], items, world, group_bytes)
+    def _run(
+        self,
+        items: list[tuple[int, Any, FaultHook | None]],
+        group: Any,
+        timeout_s: float | None,
+        stop_on_error: bool,
+        group_bytes: int | None,
+        preflight: bool,
+    ) -> tuple[list[LayerMigrationStats], dict[int, MigrationError], list[tuple[int, int]]]:
+        """The protocol for ``items`` (layer, transfers, hook) in order; see the module doc.
+
+        Returns (applied stats in order, layer -> error, [(layer not attempted, first failed)]).
+        Every branch below depends only on all-reduce results (shared by every rank) and on
+        the plan (the same everywhere, checked by digest), never on rank-local state.
+        """
+        comm = self._comm(group)
+        skipped: list[tuple[int, int]] = []
+
+        # 1. prepare (rank-local; errors are reported through the pre-flight all-reduce).
+        works: list[_LayerWork | None] = []
+        reasons: list[str | None] = []
+        for layer, transfers, _ in items:
+            self._calls += 1
+            work, reason = self._try_prepare(layer, transfers, comm, self._calls % (1 << 20))
+            works.append(work)
+            reasons.append(reason)
+
+        # 2. one pre-flight all-reduce for every layer (unless the caller verified them).
+        if preflight:
+            errors, stop_at = self._vote_ready(items, works, reasons, comm, stop_on_error)
+            if stop_at == 0 and items and items[0][0] in errors \
+                    and errors[items[0][0]].phase == "status":
+                skipped += [(layer, items[0][0]) for layer, _, _ in items[1:]]
+                return [], errors, skipped
+        else:
+            errors, stop_at = {}, len(items)
+        ready = [i for i in range(stop_at) if items[i][0] not in errors]
+        if not preflight and any(works[i] is None for i in ready):
+            # The caller promised verified layers; this rank cannot take part. It posts nothing
+            # (its peers' transfers fail or time out) and fails every layer of the call.
+            for i in ready:
+                errors[items[i][0]] = MigrationError(items[i][0], "transfer", comm.rank,
+                                                     reasons[i] or "not prepared")
+            ready = []
+
+        # 3.-6. per group: stage + pack + post, wait + status all-reduce, commit (pipelined).
+        groups = self._groups(ready, items, comm.world, group_bytes)
         pending: _Group | None = None
         done: dict[int, LayerMigrationStats] = {}
         stop_all = False
@@ -487,30 +564,33 @@ class ExpertWeights:
 
     def _post(self, indices: list[int], items: list[Any], works: list[_LayerWork | None],
               comm: _Comm) -> _Group:
-        """Lay out the group's staging buffer, stage local copies, post every P2P op."""
+        """Lay out the group's staging buffer, stage local copies, pack the sends, post one
+        receive and one send per peer (see :class:`_Layout`)."""
         start = time.perf_counter()
         self._flip ^= 1
         batch = _Group(indices, [w for i in indices if (w := works[i]) is not None],
                        self._flip, start)
-        total = 0
-        for work in batch.works:
-            work.base_offset = total
-            total += work.nbytes
+        layout = _Layout(batch.works)
         device = batch.works[0].device
         try:
-            if total:
-                buf = self._staging_buffer(batch.buffer, total, device)
+            if layout.total:
+                buf = self._staging_buffer(batch.buffer, layout.total, device)
                 batch.buf = buf
                 for work in batch.works:
-                    work.staging = buf[work.base_offset:work.base_offset + work.nbytes]
+                    work.staging = buf
                     work.stage()
+                    work.pack()
             for i in indices:
                 hook = items[i][2]
                 if hook is not None:
                     hook("post")
             ops: list[Any] = []
-            for work in batch.works:
-                ops += work.ops(comm)
+            tag = batch.works[0].tag
+            if batch.buf is not None:
+                for peer, lo, hi in layout.receives:
+                    ops.append(comm.op(dist.irecv, batch.buf[lo:hi], peer, tag))
+                for peer, lo, hi in layout.sends:
+                    ops.append(comm.op(dist.isend, batch.buf[lo:hi], peer, tag))
             batch.handles = comm.post(ops)
         except Exception as exc:
             batch.error = f"{type(exc).__name__}: {exc}"
@@ -675,30 +755,22 @@ class ExpertWeights:
             # This layer's previous commit may still run on the copy stream: what we stage and
             # send below must read its result.
             torch.cuda.current_stream(device).wait_event(committed)
-        # Staging items: receives by source rank, then plan order (see _LayerWork.ops).
-        receives = tuple(sorted(transfers.receives(rank), key=lambda t: t.src_rank))
+        recv_from: dict[int, list[Any]] = {}
+        for t in transfers.receives(rank):  # plan order within each source
+            recv_from.setdefault(t.src_rank, []).append(t)
+        send_to: dict[int, list[Any]] = {}
+        for t in transfers.sends(rank):
+            send_to.setdefault(t.dst_rank, []).append(t)
         copies = transfers.copies(rank)
-        staged = [c for c in copies if c.staged]
-        items = len(receives) + len(staged)
-        # Staging layout: per tensor k a block [items, row_bytes_k] at an aligned offset.
-        offsets: list[int] = []
-        total = 0
-        for entry in entries:
-            offsets.append(total)
-            total += -(-items * entry.row_bytes // _ALIGN) * _ALIGN
         return _LayerWork(
             layer=layer,
             entries=entries,
-            rank=rank,
             base=rank * self.slots_per_rank,
-            sends=transfers.sends(rank),
-            receives=receives,
+            recv_from=recv_from,
+            send_to=send_to,
             copies=copies,
-            staged_count=len(staged),
-            staging=None,
-            offsets=offsets,
+            staged_count=sum(1 for c in copies if c.staged),
             device=device,
-            nbytes=total,
             tag=tag,
         )
 
@@ -722,11 +794,31 @@ class _Status:
                 self._event.synchronize()
             assert self._tensor is not None
             self._values = [int(v) for v in self._tensor.tolist()]
+            self._tensor = None  # the buffer may be reused now
         return self._values
 
 
+class _VoteSlot:
+    """Reusable buffers for one all-reduce of up to ``capacity`` int64 votes on NCCL: pinned
+    host input, device vector, pinned host output, and the event after the output copy."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity = capacity
+        self.host_in = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.device = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.host_out = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.event = torch.cuda.Event()
+        self.owner: _Status | None = None  # the result still reading ``host_out``
+
+
 class _Comm:
-    """The group as this module uses it; a 1-rank stand-in when torch.distributed is down."""
+    """The group as this module uses it; a 1-rank stand-in when torch.distributed is down.
+
+    On NCCL, the all-reduce vectors live in a small ring of :class:`_VoteSlot` allocated once
+    (pinned memory is slow to allocate), so a vote costs one H2D copy, the all-reduce and one
+    D2H copy, with no host wait until its ``result()`` is read."""
+
+    _SLOTS = 4
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -739,25 +831,49 @@ class _Comm:
             if group is not None:
                 raise RuntimeError("a process group was given but torch.distributed is down")
             self.rank, self.world, self.nccl = 0, 1, False
+        self._slots: list[_VoteSlot | None] = [None] * self._SLOTS
+        self._next = 0
+
+    def alive(self) -> bool:
+        """Whether torch.distributed is in the state this object was made in."""
+        return self.distributed == (dist.is_available() and dist.is_initialized())
 
     def allreduce_min(self, values: Sequence[int]) -> _Status:
         """Start an all-reduce MIN of ``values``; ``.result()`` waits for it. On NCCL the
         vector goes up and comes back without blocking the host until ``result()``."""
         if not self.distributed:
             return _Status([int(v) for v in values])
-        host = torch.tensor(list(values), dtype=torch.int64)
         if not self.nccl:
+            host = torch.tensor(list(values), dtype=torch.int64)
             work = dist.all_reduce(host, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
             return _Status(work=work, tensor=host)
-        device = torch.device("cuda", torch.cuda.current_device())
-        tensor = host.pin_memory().to(device, non_blocking=True)
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+        n = len(values)
+        slot = self._slot(n)
+        slot.host_in.numpy()[:n] = values
+        vec = slot.device[:n]
+        vec.copy_(slot.host_in[:n], non_blocking=True)
+        work = dist.all_reduce(vec, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
         work.wait()  # orders the current stream after the all-reduce (no host wait)
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        out.copy_(tensor, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return _Status(tensor=out, event=event)
+        out = slot.host_out[:n]
+        out.copy_(vec, non_blocking=True)
+        slot.event.record()
+        slot.owner = _Status(tensor=out, event=slot.event)
+        return slot.owner
+
+    def _slot(self, n: int) -> _VoteSlot:
+        """The next ring slot, free to overwrite: its previous result is read (and so its
+        copies are done) first."""
+        index = self._next
+        self._next = (index + 1) % self._SLOTS
+        slot = self._slots[index]
+        if slot is not None and slot.owner is not None:
+            slot.owner.result()
+            slot.owner = None
+        if slot is None or slot.capacity < n:
+            device = torch.device("cuda", torch.cuda.current_device())
+            slot = _VoteSlot(max(n, 64, 2 * (slot.capacity if slot else 0)), device)
+            self._slots[index] = slot
+        return slot
 
     def op(self, kind: Callable[..., Any], tensor: torch.Tensor, peer: int, tag: int) -> Any:
         return dist.P2POp(kind, tensor, group=self.group, group_peer=peer, tag=tag)
@@ -776,24 +892,6 @@ class _Comm:
                 handle.wait(datetime.timedelta(seconds=timeout_s))
 
 
-def _runs(transfers: Sequence[Any], peer_of: Callable[[Any], int]) -> list[tuple[int, list[Any]]]:
-    """``(peer, run)`` pairs: per peer (ascending), the transfers in the given order cut into runs
-    of consecutive ``src_slot``."""
-    by_peer: dict[int, list[Any]] = {}
-    for t in transfers:
-        by_peer.setdefault(peer_of(t), []).append(t)
-    out: list[tuple[int, list[Any]]] = []
-    for peer in sorted(by_peer):
-        run: list[Any] = []
-        for t in by_peer[peer]:
-            if run and t.src_slot != run[-1].src_slot + 1:
-                out.append((peer, run))
-                run = []
-            run.append(t)
-        out.append((peer, run))
-    return out
-
-
 def _spans(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """``(src, dst)`` row pairs -> ``(src0, dst0, n)`` spans where both advance by one."""
     out: list[tuple[int, int, int]] = []
@@ -803,6 +901,10 @@ def _spans(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
         else:
             out.append((src, dst, 1))
     return out
+
+
+def _align(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 @dataclass
@@ -825,103 +927,139 @@ class _Group:
 
 @dataclass
 class _LayerWork:
-    """One rank's share of one layer: what it sends, receives, stages and writes."""
+    """One rank's share of one layer: what it sends, receives, stages and writes.
+
+    Staging blocks: a block of ``n`` experts holds, per registered tensor ``k`` (name order),
+    ``[n, row_bytes_k]`` bytes at an aligned offset. The layer has one receive block per source
+    peer (its receives from that peer in plan order), one send block per destination peer (its
+    sends to it in plan order: the same experts, in the same order, as the peer's receive
+    block) and one block for staged local copies; :class:`_Layout` places them.
+    """
 
     layer: int
     entries: list[_Entry]
-    rank: int
     base: int  # first global slot of this rank
-    sends: tuple[Any, ...]
-    receives: tuple[Any, ...]
+    recv_from: dict[int, list[Any]]  # source rank -> transfers, plan order
+    send_to: dict[int, list[Any]]  # destination rank -> transfers, plan order
     copies: tuple[Any, ...]
     staged_count: int
-    staging: torch.Tensor | None
-    offsets: list[int]
     device: torch.device
-    nbytes: int = 0  # staging bytes of this layer
     tag: int = 0
-    base_offset: int = 0  # where its staging region starts in the group's buffer
+    staging: torch.Tensor | None = None  # the group's staging buffer
+    recv_off: dict[int, int] = field(default_factory=dict)  # peer -> block offset
+    send_off: dict[int, int] = field(default_factory=dict)
+    staged_off: int = 0
 
-    def _block(self, entry_index: int, item: int, count: int) -> torch.Tensor:
-        """Staging rows ``[item, item + count)`` of tensor ``entry_index`` (contiguous)."""
+    def block_bytes(self, n: int) -> int:
+        """Bytes of a block of ``n`` experts (a multiple of the alignment)."""
+        return sum(_align(n * e.row_bytes) for e in self.entries)
+
+    def _rows(self, offset: int, n: int, k: int, first: int, count: int) -> torch.Tensor:
+        """Rows ``[first, first + count)`` of tensor ``k`` in the ``n``-expert block at
+        ``offset`` of the staging buffer, as flat bytes."""
         assert self.staging is not None
-        size = self.entries[entry_index].row_bytes
-        start = self.offsets[entry_index] + item * size
-        return self.staging[start:start + count * size]
+        start = offset + sum(_align(n * e.row_bytes) for e in self.entries[:k])
+        size = self.entries[k].row_bytes
+        return self.staging[start + first * size:start + (first + count) * size]
 
     def stage(self) -> None:
         """Copy aside the sources of local copies that this layer overwrites."""
-        item = len(self.receives)
-        pairs = []
-        for copy in self.copies:
-            if copy.staged:
-                pairs.append((copy.src_slot - self.base, item))
-                item += 1
+        pairs = [(c.src_slot - self.base, j)
+                 for j, c in enumerate(c for c in self.copies if c.staged)]
         for src, dst, n in _spans(pairs):
             for k, entry in enumerate(self.entries):
-                self._block(k, dst, n).copy_(entry.rows[src:src + n].reshape(-1))
+                self._rows(self.staged_off, self.staged_count, k, dst, n).copy_(
+                    entry.rows[src:src + n].reshape(-1))
 
-    def ops(self, comm: _Comm) -> list[Any]:
-        """The P2P operations: per peer, per run, one op per registered tensor.
-
-        A run is a maximal sequence of a (src, dst) pair's transfers, in plan order, whose
-        source slots are consecutive: the sender sends its rows ``[a, a + n)`` of each tensor
-        as one op, the receiver receives them into ``n`` consecutive staging rows (its receives
-        are ordered by source rank, then plan order). Both sides derive the same runs from the
-        plan, so ops match one to one, in order, with equal sizes; a group posts its layers in
-        the same order on every rank.
-        """
-        ops: list[Any] = []
-        for peer, run in _runs(self.sends, lambda t: t.dst_rank):
-            first = run[0].src_slot - self.base
-            for entry in self.entries:
-                ops.append(comm.op(dist.isend, entry.rows[first:first + len(run)], peer,
-                                   self.tag))
-        item = 0
-        for peer, run in _runs(self.receives, lambda t: t.src_rank):
-            for k in range(len(self.entries)):
-                ops.append(comm.op(dist.irecv, self._block(k, item, len(run)), peer, self.tag))
-            item += len(run)
-        return ops
+    def pack(self) -> None:
+        """Copy every expert this rank sends into its peer's send block (one copy per tensor
+        per run of consecutive source slots)."""
+        for peer, sends in self.send_to.items():
+            offset, n = self.send_off[peer], len(sends)
+            for src, dst, count in _spans((t.src_slot - self.base, j)
+                                          for j, t in enumerate(sends)):
+                for k, entry in enumerate(self.entries):
+                    self._rows(offset, n, k, dst, count).copy_(
+                        entry.rows[src:src + count].reshape(-1))
 
     def commit(self) -> None:
         """Write every changed slot of this rank (only after every rank's transfers completed):
-        one copy per tensor per span of consecutive staging rows -> consecutive slots."""
-        staged: list[tuple[int, int]] = []  # (staging item, local dst slot)
+        one copy per tensor per span of consecutive block rows -> consecutive slots."""
+        blocks: list[tuple[int, int, list[tuple[int, int]]]] = []  # (offset, n, [(row, slot)])
+        for peer, receives in self.recv_from.items():
+            pairs = [(j, d - self.base) for j, t in enumerate(receives) for d in t.dst_slots]
+            blocks.append((self.recv_off[peer], len(receives), pairs))
+        staged: list[tuple[int, int]] = []
         direct: list[tuple[int, int]] = []  # (local src slot, local dst slot)
-        for i, t in enumerate(self.receives):
-            staged += [(i, d - self.base) for d in t.dst_slots]
-        item = len(self.receives)
+        j = 0
         for copy in self.copies:
             if copy.staged:
-                staged += [(item, d - self.base) for d in copy.dst_slots]
-                item += 1
+                staged += [(j, d - self.base) for d in copy.dst_slots]
+                j += 1
             else:  # an unstaged source slot is unchanged in this layer: read it directly
                 direct += [(copy.src_slot - self.base, d - self.base) for d in copy.dst_slots]
-        for src, dst, n in _spans(staged):
-            for k, entry in enumerate(self.entries):
-                entry.rows[dst:dst + n].view(-1).copy_(self._block(k, src, n))
-        for src, dst, n in _spans(direct):
+        blocks.append((self.staged_off, self.staged_count, staged))
+        for offset, n, pairs in blocks:
+            for src, dst, count in _spans(pairs):
+                for k, entry in enumerate(self.entries):
+                    entry.rows[dst:dst + count].view(-1).copy_(
+                        self._rows(offset, n, k, src, count))
+        for src, dst, count in _spans(direct):
             for entry in self.entries:
-                entry.rows[dst:dst + n].copy_(entry.rows[src:src + n])
+                entry.rows[dst:dst + count].copy_(entry.rows[src:src + count])
 
     def stats(self, seconds: float, transfer_seconds: float) -> LayerMigrationStats:
         expert = sum(e.row_bytes for e in self.entries)
-        written = sum(len(t.dst_slots) for t in self.receives) + sum(
+        received = sum(len(r) for r in self.recv_from.values())
+        sent = sum(len(s) for s in self.send_to.values())
+        written = sum(len(t.dst_slots) for r in self.recv_from.values() for t in r) + sum(
             len(c.dst_slots) for c in self.copies
         )
         return LayerMigrationStats(
             layer=self.layer,
-            transfers_sent=len(self.sends),
-            transfers_received=len(self.receives),
+            transfers_sent=sent,
+            transfers_received=received,
             local_copies=len(self.copies),
             slots_written=written,
-            bytes_sent=len(self.sends) * expert,
-            bytes_received=len(self.receives) * expert,
+            bytes_sent=sent * expert,
+            bytes_received=received * expert,
             bytes_staged=self.staged_count * expert,
             seconds=seconds,
             transfer_seconds=transfer_seconds,
         )
+
+
+class _Layout:
+    """Where a group's blocks go in its staging buffer (sets each work's offsets).
+
+    ``[receive region of peer p0 | p1 | ... | staged blocks | send region of peer q0 | ...]``:
+    a peer's region is its blocks in group order, so a pair of ranks exchanges one contiguous
+    region each way (one ``isend`` and one ``irecv`` per peer per group) and both sides lay it
+    out identically (same layers, same plan, same tensor layouts: the pre-flight checks it).
+    """
+
+    def __init__(self, works: Sequence[_LayerWork]) -> None:
+        offset = 0
+        self.receives: list[tuple[int, int, int]] = []  # (peer, start, end)
+        for peer in sorted({p for w in works for p in w.recv_from}):
+            start = offset
+            for w in works:
+                if peer in w.recv_from:
+                    w.recv_off[peer] = offset
+                    offset += w.block_bytes(len(w.recv_from[peer]))
+            self.receives.append((peer, start, offset))
+        for w in works:
+            w.staged_off = offset
+            offset += w.block_bytes(w.staged_count)
+        self.sends: list[tuple[int, int, int]] = []
+        for peer in sorted({p for w in works for p in w.send_to}):
+            start = offset
+            for w in works:
+                if peer in w.send_to:
+                    w.send_off[peer] = offset
+                    offset += w.block_bytes(len(w.send_to[peer]))
+            self.sends.append((peer, start, offset))
+        self.total = offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,8 +1095,10 @@ class MigratingSwitcher:
     """A :class:`worker_agent.agreement.Switcher` that moves expert weights, then switches maps.
 
     ``begin(step, plan, settings)`` (every rank, the agreed step) plans the transfers from the
-    view's map to ``plan.phy2log``. ``advance(step)`` (that step and the next ones) migrates the
-    next ``settings.layers_per_step`` changed layers (all when 0) and switches each moved layer's
+    view's map to ``plan.phy2log``. The first ``advance(step)`` checks every changed layer with
+    one pre-flight all-reduce (:meth:`ExpertWeights.preflight`); ``advance`` (that step and
+    the next ones) then migrates the next ``settings.layers_per_step`` changed layers (all when
+    0) and switches each moved layer's
     map rows in place right after its weights are in place, so no step ever routes a layer with
     a map its weights do not match. After the last layer it cuts the load snapshot and installs
     the whole map at ``plan.version`` (returns True). Whether to go on depends only on the plan
@@ -1042,13 +1182,20 @@ class MigratingSwitcher:
         self.snapshotter.capture(step)
         if not self._started:
             self._started = True  # the capture above cut the old version's counts
+            # One pre-flight for the whole rollout (every rank, this agreed step); the steps
+            # below then migrate verified layers without one.
+            errors = self.weights.preflight(transfers, self.group, layers=self._todo)
+            if errors:
+                self._plan, self._todo = None, []
+                self.last_stats = self._stats
+                raise errors[min(errors)]
             if self.pause_counting and self._per_step and len(self._todo) > self._per_step:
                 self.recorder.enabled(False)
         count = self._per_step or len(self._todo)
         batch, self._todo = self._todo[:count], self._todo[count:]
         report = self.weights.migrate(transfers, self.group, layers=batch,
                                       timeout_s=self.timeout_s, stop_on_error=True,
-                                      fault=self.fault)
+                                      fault=self.fault, preflight=False)
         self._account(report)
         self._moved.extend(report.applied_layers)
         if report.failed:
