@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--caller-stream-packing", action="store_true",
+                   help="pack on the caller's stream (ExpertWeights(side_stream_packing=False))")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the host phases of three migrations (ExpertWeights tracer)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--markdown", type=Path, help="also write the tables here")
     args = p.parse_args(argv)
@@ -116,8 +120,9 @@ def _median(fn: Any, device: torch.device, iters: int, warmup: int) -> float:
 
 
 def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
-           rank: int) -> ExpertWeights:
-    weights = ExpertWeights(slots)
+           rank: int, args: argparse.Namespace, tracer: Any = None) -> ExpertWeights:
+    weights = ExpertWeights(slots, tracer=tracer,
+                            side_stream_packing=not args.caller_stream_packing)
     for layer in range(layers):
         weights.register_layer(layer, {
             name: torch.full((slots, hidden, ffn), (rank * 7 + layer) % 251, dtype=torch.uint8,
@@ -181,7 +186,7 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
     rows = []
     expert = 3 * args.hidden * args.ffn
     for moves in args.moves:
-        weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank)
+        weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank, args)
         flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world)
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
         t_layer_v = _median(flip.one_layer_verified, device, args.iters, args.warmup)
@@ -259,7 +264,7 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
            device: torch.device) -> list[dict[str, Any]]:
     rng = np.random.default_rng(args.seed)  # the same maps on every rank
     old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
-    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank)
+    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args)
     forward, backward = plan_transfers(old, new, world), plan_transfers(new, old, world)
     rows = []
     fwd = True
@@ -331,15 +336,71 @@ def _plain_plan(rank: int, world: int, plan: Any, expert: int, device: torch.dev
 # entry points
 
 
+class _PhaseLog:
+    """An ``ExpertWeights`` tracer: host time at each phase boundary, per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, float]]] = []
+        self.on = False
+
+    def __call__(self, phase: str) -> None:
+        if not self.on:
+            return
+        if phase == "start" or not self.calls:
+            self.calls.append([])
+        self.calls[-1].append((phase, time.perf_counter()))
+
+    def medians(self) -> list[tuple[str, float]]:
+        """(phase, median ms since the previous boundary) over the calls whose phase sequence
+        is the most common one."""
+        seqs = [tuple(p for p, _ in c) for c in self.calls]
+        common = max(set(seqs), key=seqs.count)
+        deltas = [[(c[i][1] - c[i - 1][1]) * 1e3 for i in range(1, len(c))]
+                  for c, seq in zip(self.calls, seqs, strict=True) if seq == common]
+        return [(common[i + 1], statistics.median(d[i] for d in deltas))
+                for i in range(len(common) - 1)]
+
+
+def _phases(rank: int, world: int, args: argparse.Namespace,
+            device: torch.device) -> list[dict[str, Any]]:
+    """Host phase times of three migrations (rank 0's view)."""
+    out = []
+    for name, moves, layers in (("1 layer x 1 expert, verified", 1, 1),
+                                ("4 layers x 8 experts, verified", 8, args.tp_layers)):
+        log = _PhaseLog()
+        weights = _build(layers, max(args.slots, moves), args.hidden, args.ffn, device, rank,
+                         args, tracer=log)
+        flip = _Flip(weights, *_ring_maps(layers, world, max(args.slots, moves), moves), world)
+        for i in range(args.warmup + args.iters):
+            log.on = i >= args.warmup
+            _timed(flip.all_layers_verified, device)
+        out.append({"case": name, "phases": log.medians()})
+        del weights, flip
+    rng = np.random.default_rng(args.seed)
+    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
+    log = _PhaseLog()
+    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args, log)
+    plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
+    for i in range(args.warmup + args.iters // 2 * 2):
+        log.on = i >= args.warmup
+        _timed(lambda p=plans[i % 2]: _checked(weights, p, list(p.changed_layers), None), device)
+    out.append({"case": f"rebalance, {args.layers} layers at once", "phases": log.medians()})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def bench(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any] | None:
     """Both measurements on this rank (torch.distributed is up); rank 0 returns the results."""
     device = (torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl"
               else torch.device("cpu"))
     throughput = _throughput(rank, world, args, device)
     pause = _pause(rank, world, args, device)
+    phases = _phases(rank, world, args, device) if args.phases else []
     if rank:
         return None
     return {
+        "phases": phases,
         "command": " ".join(["benchmarks/migration.py", *sys.argv[1:]]),
         "backend": args.backend,
         "world_size": world,
@@ -394,6 +455,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['total_ms']:.2f} | {r['plain_ms']:.2f} | {r['ratio']:.2f} | "
             f"{r['transfers']} | {r['local_copies']} | {r['mib_received_rank']:.1f} |"
         )
+    for case in res.get("phases", []):
+        lines += ["", f"Host phases (rank 0, median ms since the previous boundary): "
+                      f"{case['case']}", "", "| phase | ms |", "|---|---|"]
+        lines += [f"| {phase} | {ms:.3f} |" for phase, ms in case["phases"]]
     return "\n".join(lines)
 
 

@@ -38,12 +38,22 @@ def expert_tensor(layer: int, expert: int, name: str) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) * 4 + expert).to(dtype)
 
 
+def _device(rank: int) -> torch.device:
+    """This rank's device: ``cuda:rank`` under NCCL (see eplb_engine.launch), else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
 def build(rank: int, phy2log: np.ndarray) -> ExpertWeights:
     weights = ExpertWeights(S)
     for layer in range(L):
         mine = phy2log[layer, rank * S:(rank + 1) * S]
         weights.register_layer(layer, {
             name: torch.stack([expert_tensor(layer, int(e), name) for e in mine]).contiguous()
+            .to(_device(rank))
             for name in TENSORS
         })
     return weights
@@ -57,7 +67,7 @@ def mismatches(weights: ExpertWeights, rank: int, phy2log: np.ndarray,
         for j in range(S):
             e = int(phy2log[layer, rank * S + j])
             for name in TENSORS:
-                got, want = tensors[name][j], expert_tensor(layer, e, name)
+                got, want = tensors[name][j].cpu(), expert_tensor(layer, e, name)
                 if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
                     bad.append((layer, rank * S + j, name))
     return bad
@@ -238,6 +248,34 @@ def test_failure_on_one_rank_leaves_the_layer_untouched_everywhere() -> None:
         assert out["not_ready"] == ("preflight", 2), rank
         assert out["preflight"] == {1: ("preflight", "ranks computed different plans")}, rank
         assert out["still_old_after_refusals"], rank
+        assert out["final_ok"] and out["pointers_kept"], rank
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_random_migrations_over_nccl() -> None:
+    """The same chain over NCCL on 2 GPUs: packed regions, device votes, copy-stream commits."""
+    results = spawn_ranks(_chain, 2, 13, 3, 1, backend="nccl", start_method="spawn",
+                          timeout_s=180)
+    for rank, out in enumerate(results):
+        assert out["failed"] == [{}] * 4, rank
+        assert out["bad"] == [[]] * 4, rank
+        assert out["pointers_kept"], rank
+        assert out["verified"] == {} and out["bad_verified"] == [], rank
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_failure_on_one_rank_over_nccl() -> None:
+    results = spawn_ranks(_failures, 2, 5, backend="nccl", start_method="spawn", timeout_s=180)
+    for rank, out in enumerate(results):
+        assert out["applied"] == [0, 2] and out["failed"] == [1], rank
+        assert out["layer1_untouched"] and out["others_moved"], rank
+        assert out["grouped"] == ([0, 2], [1], True, True), rank
+        assert out["stopped"] == ([0], [1, 2], True, True, True), rank
+        assert out["error"][:2] == ("transfer", 1), rank
+        assert out["mismatch"] == ("preflight", "ranks computed different plans"), rank
+        assert out["not_ready"] == ("preflight", 1), rank
         assert out["final_ok"] and out["pointers_kept"], rank
 
 

@@ -75,8 +75,15 @@ __all__ = [
     "MigratingSwitcher",
     "MigrationError",
     "MigrationReport",
+    "PhaseTracer",
     "RolloutMigrationStats",
 ]
+
+#: ``tracer(phase)``: called by :class:`ExpertWeights` at each phase boundary of a migration
+#: (``"start"``, ``"prepared"``, ``"preflight"``, per group ``"packed"``, ``"posted"``,
+#: ``"status posted"``, ``"status read"``, ``"commit issued"``, and ``"done"``). Benchmarks
+#: time the phases with it; it must not call into the migration.
+PhaseTracer = Callable[[str], None]
 
 #: Phases a fault hook is called in: before this rank posts its transfers ("post"), and after
 #: they completed, before the status exchange ("received").
@@ -207,16 +214,23 @@ class ExpertWeights:
 
     Args:
         slots_per_rank: ``S``, the leading dimension of every registered tensor.
+        tracer: called at each phase boundary of a migration (see :data:`PhaseTracer`); for
+            profiling, ``None`` in production.
+        side_stream_packing: on CUDA, stage and pack a group on a side stream so that it
+            overlaps the previous group's transfers (``False``: on the caller's stream).
 
     Register with :meth:`register` / :meth:`register_layer`; migrate with
     :meth:`migrate_layer` (one layer) or :meth:`migrate` (many). Calls to the ``migrate*``
     methods are collective over the EP group: every rank makes the same calls in the same order.
     """
 
-    def __init__(self, slots_per_rank: int) -> None:
+    def __init__(self, slots_per_rank: int, *, tracer: PhaseTracer | None = None,
+                 side_stream_packing: bool = True) -> None:
         if slots_per_rank < 1:
             raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
         self.slots_per_rank = int(slots_per_rank)
+        self.tracer = tracer
+        self.side_stream_packing = side_stream_packing
         self._layers: dict[int, dict[str, _Entry]] = {}
         # Two staging buffers, alternating per group of layers, so that a group's commit (on
         # the CUDA copy stream) overlaps the next group's transfers; ``_released[b]`` is the
@@ -225,6 +239,8 @@ class ExpertWeights:
         self._released: list[Any] = [None, None]
         self._committed: dict[int, Any] = {}  # layer -> CUDA event after its last commit
         self._copy_stream: Any = None
+        self._pack_stream: Any = None  # stages and packs a group while the previous transfers
+        self._entry: Any = None  # CUDA event: the caller's stream when this call began
         self._calls = 0  # layers attempted so far: the same on every rank (P2P tags)
         self._comms: dict[int | None, _Comm] = {}  # per process group (vote buffers)
         self._flip = 0  # staging buffer of the last group
@@ -330,6 +346,7 @@ class ExpertWeights:
         applied, errors, skipped = self._run(items, group, timeout_s, stop_on_error, group_bytes,
                                              preflight)
         self.wait_commits(host=True)
+        self._trace("done")
         failed: dict[int, str] = {layer: str(exc) for layer, exc in errors.items()}
         for layer, first in skipped:
             failed[layer] = f"not attempted: layer {first} failed first"
@@ -393,6 +410,7 @@ class ExpertWeights:
                                        preflight)
         if synchronize:
             self.wait_commits(host=True)
+            self._trace("done")
         if errors:
             raise errors[layer]
         return applied[0]
@@ -472,6 +490,7 @@ class ExpertWeights:
         Every branch below depends only on all-reduce results (shared by every rank) and on
         the plan (the same everywhere, checked by digest), never on rank-local state.
         """
+        self._trace("start")
         comm = self._comm(group)
         skipped: list[tuple[int, int]] = []
 
@@ -485,8 +504,10 @@ class ExpertWeights:
             reasons.append(reason)
 
         # 2. one pre-flight all-reduce for every layer (unless the caller verified them).
+        self._trace("prepared")
         if preflight:
             errors, stop_at = self._vote_ready(items, works, reasons, comm, stop_on_error)
+            self._trace("preflight")
             if stop_at == 0 and items and items[0][0] in errors \
                     and errors[items[0][0]].phase == "status":
                 skipped += [(layer, items[0][0]) for layer, _, _ in items[1:]]
@@ -503,6 +524,11 @@ class ExpertWeights:
             ready = []
 
         # 3.-6. per group: stage + pack + post, wait + status all-reduce, commit (pipelined).
+        device = next((w.device for w in works if w is not None), None)
+        if device is not None and device.type == "cuda":
+            # Packing runs on its own stream from here on (see _pack): it starts after what
+            # the caller queued so far, including the waits on earlier commits of these layers.
+            self._entry = torch.cuda.current_stream(device).record_event()
         groups = self._groups(ready, items, comm.world, group_bytes)
         pending: _Group | None = None
         done: dict[int, LayerMigrationStats] = {}
@@ -576,10 +602,8 @@ class ExpertWeights:
             if layout.total:
                 buf = self._staging_buffer(batch.buffer, layout.total, device)
                 batch.buf = buf
-                for work in batch.works:
-                    work.staging = buf
-                    work.stage()
-                    work.pack()
+                self._pack(batch.works, buf, batch.buffer)
+            self._trace("packed")
             for i in indices:
                 hook = items[i][2]
                 if hook is not None:
@@ -592,6 +616,7 @@ class ExpertWeights:
                 for peer, lo, hi in layout.sends:
                     ops.append(comm.op(dist.isend, batch.buf[lo:hi], peer, tag))
             batch.handles = comm.post(ops)
+            self._trace("posted")
         except Exception as exc:
             batch.error = f"{type(exc).__name__}: {exc}"
         return batch
@@ -632,6 +657,7 @@ class ExpertWeights:
             # On NCCL the all-reduce is stream-ordered after this rank's receives: its result,
             # read on the host, proves every rank's receives of the group completed.
             batch.status = comm.allreduce_min(votes)
+            self._trace("status posted")
         except Exception as exc:
             batch.status_error = str(exc)
 
@@ -643,6 +669,7 @@ class ExpertWeights:
         if batch.status is not None and batch.status_error is None:
             try:
                 status = batch.status.result()
+                self._trace("status read")
             except Exception as exc:
                 batch.status_error = str(exc)
         if status is None:
@@ -685,6 +712,7 @@ class ExpertWeights:
             else:
                 for work in committed:
                     work.commit()
+        self._trace("commit issued")
         seconds = (time.perf_counter() - batch.start) / len(batch.indices)
         transfer = (batch.transfer_end - batch.start) / len(batch.indices)
         for i, work in zip(batch.indices, batch.works, strict=True):
@@ -714,6 +742,43 @@ class ExpertWeights:
             stream.synchronize()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _trace(self, phase: str) -> None:
+        if self.tracer is not None:
+            self.tracer(phase)
+
+    def _pack(self, works: list[_LayerWork], buf: torch.Tensor, index: int) -> None:
+        """Stage local copies and pack sends into ``buf`` (staging buffer ``index``).
+
+        On CUDA this runs on a side stream that waits only for the caller's stream at the start
+        of the call and for the last commit reading this buffer, not for the transfers in
+        flight: group ``g + 1`` is packed while group ``g`` moves. The caller's stream (which
+        NCCL's stream follows when the transfers are posted) then waits for the packing.
+        Reusing the buffer's send region is safe: the transfers that last read it (two groups
+        back) completed before that group's status was read, which happened before this call.
+        """
+        for work in works:
+            work.staging = buf
+        device = buf.device
+        if device.type != "cuda" or not self.side_stream_packing:
+            for work in works:
+                work.stage()
+                work.pack()
+            return
+        if self._pack_stream is None or self._pack_stream.device != device:
+            self._pack_stream = torch.cuda.Stream(device)
+        stream = self._pack_stream
+        if self._entry is not None:
+            stream.wait_event(self._entry)
+        released = self._released[index]
+        if released is not None:
+            stream.wait_event(released)
+        with torch.cuda.stream(stream):
+            for work in works:
+                work.stage()
+                work.pack()
+        buf.record_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
 
     def _commit_stream(self, device: torch.device) -> Any:
         if self._copy_stream is None or self._copy_stream.device != device:
