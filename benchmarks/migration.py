@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--caller-stream-packing", action="store_true",
                    help="pack on the caller's stream (ExpertWeights(side_stream_packing=False))")
+    p.add_argument("--unbatched-copies", action="store_true",
+                   help="one copy_ per byte range (ExpertWeights(batched_copies=False))")
     p.add_argument("--phases", action="store_true",
                    help="also time the host phases of three migrations (ExpertWeights tracer)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -122,7 +124,8 @@ def _median(fn: Any, device: torch.device, iters: int, warmup: int) -> float:
 def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
            rank: int, args: argparse.Namespace, tracer: Any = None) -> ExpertWeights:
     weights = ExpertWeights(slots, tracer=tracer,
-                            side_stream_packing=not args.caller_stream_packing)
+                            side_stream_packing=not args.caller_stream_packing,
+                            batched_copies=not args.unbatched_copies)
     for layer in range(layers):
         weights.register_layer(layer, {
             name: torch.full((slots, hidden, ffn), (rank * 7 + layer) % 251, dtype=torch.uint8,

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from worker_agent.bytecopy import ByteCopier, CopyRange
 from worker_agent.transfers import LayerTransfers, TransferPlan, plan_transfers
 
 __all__ = [
@@ -203,6 +204,11 @@ class _Entry:
     rows: torch.Tensor  # [S, row_bytes] uint8 view of ``tensor`` (same storage)
     row_bytes: int
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """``[S * row_bytes]`` uint8 view of ``tensor``."""
+        return self.rows.view(-1)
+
 
 def _byte_rows(tensor: torch.Tensor) -> torch.Tensor:
     """``[S, ...]`` contiguous tensor -> ``[S, row_bytes]`` uint8 view of the same memory."""
@@ -216,8 +222,12 @@ class ExpertWeights:
         slots_per_rank: ``S``, the leading dimension of every registered tensor.
         tracer: called at each phase boundary of a migration (see :data:`PhaseTracer`); for
             profiling, ``None`` in production.
-        side_stream_packing: on CUDA, stage and pack a group on a side stream so that it
-            overlaps the previous group's transfers (``False``: on the caller's stream).
+        side_stream_packing: on CUDA, when a call moves several groups, stage and pack each
+            group on a side stream so that it overlaps the previous group's transfers
+            (``False``, or a one-group call: on the caller's stream).
+        batched_copies: on CUDA with Triton, run a group's staging, packing and commit copies
+            as one kernel launch each (:mod:`worker_agent.bytecopy`); ``False``: one
+            ``copy_`` per range.
 
     Register with :meth:`register` / :meth:`register_layer`; migrate with
     :meth:`migrate_layer` (one layer) or :meth:`migrate` (many). Calls to the ``migrate*``
@@ -225,12 +235,13 @@ class ExpertWeights:
     """
 
     def __init__(self, slots_per_rank: int, *, tracer: PhaseTracer | None = None,
-                 side_stream_packing: bool = True) -> None:
+                 side_stream_packing: bool = True, batched_copies: bool = True) -> None:
         if slots_per_rank < 1:
             raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
         self.slots_per_rank = int(slots_per_rank)
         self.tracer = tracer
         self.side_stream_packing = side_stream_packing
+        self._copier = ByteCopier(batched=batched_copies)
         self._layers: dict[int, dict[str, _Entry]] = {}
         # Two staging buffers, alternating per group of layers, so that a group's commit (on
         # the CUDA copy stream) overlaps the next group's transfers; ``_released[b]`` is the
@@ -241,6 +252,7 @@ class ExpertWeights:
         self._copy_stream: Any = None
         self._pack_stream: Any = None  # stages and packs a group while the previous transfers
         self._entry: Any = None  # CUDA event: the caller's stream when this call began
+        self._overlap = False  # this call packs on the side stream
         self._calls = 0  # layers attempted so far: the same on every rank (P2P tags)
         self._comms: dict[int | None, _Comm] = {}  # per process group (vote buffers)
         self._flip = 0  # staging buffer of the last group
@@ -530,6 +542,9 @@ class ExpertWeights:
             # the caller queued so far, including the waits on earlier commits of these layers.
             self._entry = torch.cuda.current_stream(device).record_event()
         groups = self._groups(ready, items, comm.world, group_bytes)
+        # Packing on the side stream pays (~40 us of host time per group) only when there is
+        # a previous group's transfer to overlap.
+        self._overlap = self.side_stream_packing and len(groups) > 1
         pending: _Group | None = None
         done: dict[int, LayerMigrationStats] = {}
         stop_all = False
@@ -698,9 +713,11 @@ class ExpertWeights:
             if device.type == "cuda":
                 stream = self._commit_stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))  # the receives landed
+                ranges: list[CopyRange] = []
+                for work in committed:
+                    work.commit(ranges)
                 with torch.cuda.stream(stream):
-                    for work in committed:
-                        work.commit()
+                    self._copier.run(ranges)
                 event = torch.cuda.Event()
                 event.record(stream)
                 for work in committed:
@@ -710,8 +727,10 @@ class ExpertWeights:
                     batch.buf.record_stream(stream)
                     self._released[batch.buffer] = event
             else:
+                ranges = []
                 for work in committed:
-                    work.commit()
+                    work.commit(ranges)
+                self._copier.run(ranges)
         self._trace("commit issued")
         seconds = (time.perf_counter() - batch.start) / len(batch.indices)
         transfer = (batch.transfer_end - batch.start) / len(batch.indices)
@@ -759,11 +778,13 @@ class ExpertWeights:
         """
         for work in works:
             work.staging = buf
+        ranges: list[CopyRange] = []
+        for work in works:
+            work.stage(ranges)
+            work.pack(ranges)
         device = buf.device
-        if device.type != "cuda" or not self.side_stream_packing:
-            for work in works:
-                work.stage()
-                work.pack()
+        if device.type != "cuda" or not self._overlap:
+            self._copier.run(ranges)
             return
         if self._pack_stream is None or self._pack_stream.device != device:
             self._pack_stream = torch.cuda.Stream(device)
@@ -774,9 +795,7 @@ class ExpertWeights:
         if released is not None:
             stream.wait_event(released)
         with torch.cuda.stream(stream):
-            for work in works:
-                work.stage()
-                work.pack()
+            self._copier.run(ranges)
         buf.record_stream(stream)
         torch.cuda.current_stream(device).wait_stream(stream)
 
@@ -1019,37 +1038,41 @@ class _LayerWork:
         """Bytes of a block of ``n`` experts (a multiple of the alignment)."""
         return sum(_align(n * e.row_bytes) for e in self.entries)
 
-    def _rows(self, offset: int, n: int, k: int, first: int, count: int) -> torch.Tensor:
-        """Rows ``[first, first + count)`` of tensor ``k`` in the ``n``-expert block at
-        ``offset`` of the staging buffer, as flat bytes."""
-        assert self.staging is not None
+    def _at(self, offset: int, n: int, k: int, first: int) -> int:
+        """Byte offset in the staging buffer of row ``first`` of tensor ``k`` in the
+        ``n``-expert block at ``offset``."""
         start = offset + sum(_align(n * e.row_bytes) for e in self.entries[:k])
-        size = self.entries[k].row_bytes
-        return self.staging[start + first * size:start + (first + count) * size]
+        return start + first * self.entries[k].row_bytes
 
-    def stage(self) -> None:
-        """Copy aside the sources of local copies that this layer overwrites."""
+    def stage(self, out: list[CopyRange]) -> None:
+        """Queue copies of the sources of local copies that this layer overwrites into its
+        staged block."""
+        assert self.staging is not None
         pairs = [(c.src_slot - self.base, j)
                  for j, c in enumerate(c for c in self.copies if c.staged)]
         for src, dst, n in _spans(pairs):
             for k, entry in enumerate(self.entries):
-                self._rows(self.staged_off, self.staged_count, k, dst, n).copy_(
-                    entry.rows[src:src + n].reshape(-1))
+                size = entry.row_bytes
+                out.append((self.staging, self._at(self.staged_off, self.staged_count, k, dst),
+                            entry.flat, src * size, n * size))
 
-    def pack(self) -> None:
-        """Copy every expert this rank sends into its peer's send block (one copy per tensor
-        per run of consecutive source slots)."""
+    def pack(self, out: list[CopyRange]) -> None:
+        """Queue copies of every expert this rank sends into its peer's send block (one range
+        per tensor per run of consecutive source slots)."""
+        assert self.staging is not None
         for peer, sends in self.send_to.items():
             offset, n = self.send_off[peer], len(sends)
             for src, dst, count in _spans((t.src_slot - self.base, j)
                                           for j, t in enumerate(sends)):
                 for k, entry in enumerate(self.entries):
-                    self._rows(offset, n, k, dst, count).copy_(
-                        entry.rows[src:src + count].reshape(-1))
+                    size = entry.row_bytes
+                    out.append((self.staging, self._at(offset, n, k, dst),
+                                entry.flat, src * size, count * size))
 
-    def commit(self) -> None:
-        """Write every changed slot of this rank (only after every rank's transfers completed):
-        one copy per tensor per span of consecutive block rows -> consecutive slots."""
+    def commit(self, out: list[CopyRange]) -> None:
+        """Queue the writes of every changed slot of this rank (run only after every rank's
+        transfers completed): one range per tensor per span of consecutive block rows ->
+        consecutive slots."""
         blocks: list[tuple[int, int, list[tuple[int, int]]]] = []  # (offset, n, [(row, slot)])
         for peer, receives in self.recv_from.items():
             pairs = [(j, d - self.base) for j, t in enumerate(receives) for d in t.dst_slots]
@@ -1066,12 +1089,15 @@ class _LayerWork:
         blocks.append((self.staged_off, self.staged_count, staged))
         for offset, n, pairs in blocks:
             for src, dst, count in _spans(pairs):
+                assert self.staging is not None  # a block with rows has a staging buffer
                 for k, entry in enumerate(self.entries):
-                    entry.rows[dst:dst + count].view(-1).copy_(
-                        self._rows(offset, n, k, src, count))
+                    size = entry.row_bytes
+                    out.append((entry.flat, dst * size, self.staging,
+                                self._at(offset, n, k, src), count * size))
         for src, dst, count in _spans(direct):
             for entry in self.entries:
-                entry.rows[dst:dst + count].copy_(entry.rows[src:src + count])
+                size = entry.row_bytes
+                out.append((entry.flat, dst * size, entry.flat, src * size, count * size))
 
     def stats(self, seconds: float, transfer_seconds: float) -> LayerMigrationStats:
         expert = sum(e.row_bytes for e in self.entries)
