@@ -479,3 +479,75 @@ def test_align_to_keeps_the_most_slots() -> None:
                         kept += 1
             best = max(best, kept)
         assert int((out[x] == current[x]).sum()) == best
+
+
+@SETTINGS
+@given(
+    num_ranks=st.integers(2, 12),
+    num_experts=st.integers(2, 20),
+    seed=st.integers(0, 2**16),
+    shaped=st.booleans(),
+)
+def test_repair_pairs_meets_its_limits(
+    num_ranks: int, num_experts: int, seed: int, shaped: bool
+) -> None:
+    """Two slots per rank: a repaired row holds exactly the requested counts, every pair is
+    within its limits, and the fresh plan's counts with its own peak as goal always repair
+    (where the fresh plan holds no expert twice on a rank)."""
+    from eplb_service.policy.fresh import count_rows, plan_fresh
+    from eplb_service.policy.pairs import PairLimits, repair_pairs
+
+    num_slots = 2 * num_ranks
+    if num_experts > num_slots:
+        num_experts = num_slots
+    rng = np.random.default_rng(seed)
+    rows = 4
+    weight = rng.pareto(1.0, (rows, num_experts)) * 100 + rng.random((rows, num_experts))
+    current = np.stack([
+        rng.permutation(np.concatenate(
+            [np.arange(num_experts), rng.integers(0, num_experts, num_slots - num_experts)]
+        )) for _ in range(rows)
+    ]).reshape(rows, num_ranks, 2)
+    fresh, peak = plan_fresh(weight, num_slots, num_ranks)
+    counts = count_rows(fresh, num_experts)
+    goal = peak * (1 + 1e-9)
+    limits = (PairLimits.from_fresh(weight, fresh, goal, peak) if shaped
+              else PairLimits.plain(goal))
+    out, ok = repair_pairs(weight, current, counts, limits)
+    if not shaped:
+        # Feasible by the fresh plan itself, unless avoiding an expert twice on a rank is not.
+        assert ok[(fresh[:, :, 0] != fresh[:, :, 1]).all(axis=1)].all()
+    for x in np.flatnonzero(ok):
+        np.testing.assert_array_equal(count_rows(out[x : x + 1], num_experts)[0], counts[x])
+        val = (weight[x] / counts[x])[out[x]]  # [R, 2]
+        assert (val.sum(axis=1) <= goal[x] * (1 + 1e-9)).all()
+        limit = limits.row(int(x))
+        assert limit.fits(val.max(axis=1), val.min(axis=1) * (1 - 1e-12)).all()
+    # Repairing the result again changes nothing: no rank needs to change.
+    again, ok2 = repair_pairs(weight, out, counts, limits)
+    np.testing.assert_array_equal(again[ok & ok2], out[ok & ok2])
+
+
+def test_repair_pairs_changes_few_ranks() -> None:
+    """A row whose only problem is one rank above the goal re-pairs a few ranks, one slot
+    each, instead of the whole row."""
+    from eplb_service.policy.fresh import count_rows, plan_fresh
+    from eplb_service.policy.pairs import PairLimits, repair_pairs
+
+    rng = np.random.default_rng(0)
+    num_ranks, num_experts = 64, 100
+    weight = rng.lognormal(0.0, 1.0, (1, num_experts)) * 1000
+    fresh, peak = plan_fresh(weight, 2 * num_ranks, num_ranks)
+    counts = count_rows(fresh, num_experts)
+    # Overload one rank: its smaller replica's expert gets hotter, counts unchanged.
+    val = (weight[0] / counts[0])[fresh[0]]
+    rank = int(val.sum(axis=1).argmax())
+    hot = fresh[0, rank, int(val[rank].argmin())]
+    weight = weight.copy()
+    weight[0, hot] += 0.05 * peak[0] * counts[0, hot]
+    goal = peak * 1.01
+    out, ok = repair_pairs(weight, fresh, counts, PairLimits.plain(goal))
+    assert ok.all()
+    changed_ranks = (out != fresh).any(axis=2).sum()
+    assert 1 <= changed_ranks <= 8
+    assert (out != fresh).sum() <= changed_ranks + 2  # about one slot per changed rank

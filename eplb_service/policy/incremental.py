@@ -15,6 +15,10 @@ For the other rows, three attempts, each taken only by rows the previous one lef
 3. *Aligned fresh plan*: the fresh plan itself with its ranks renumbered and its slots ordered
    to keep as many (slot, expert) pairs as possible.
 
+With two slots per rank, rows first try the fresh plan's counts with
+:func:`~eplb_service.policy.pairs.repair_pairs` (re-pair few ranks, about one rewrite each,
+partners kept within the fresh plan's envelope); only rows it cannot repair take 1-3.
+
 Costs of writing an expert into a slot (:class:`~eplb_service.policy.packing.SwapCosts`): a
 copy inside the GPU < a copy from a GPU of the same node < a copy across nodes.
 """
@@ -30,6 +34,7 @@ import numpy.typing as npt
 from eplb_service.policy.assignment import max_assignment
 from eplb_service.policy.fresh import count_rows, item_loads
 from eplb_service.policy.packing import SwapCosts, SwapLog, held_counts, refine_swaps
+from eplb_service.policy.pairs import PairLimits, repair_pairs
 from eplb_service.policy.replication import adjust_counts, water_fill
 
 F64 = npt.NDArray[np.float64]
@@ -198,9 +203,18 @@ def _slot_loads(per: F64, item: I64) -> F64:
 
 def _attempt(
     weight: F64, counts: I64, goal: F64, search_goal: F64, costs: SwapCosts, max_moves: int,
+    limits: PairLimits | None = None,
 ) -> tuple[I64, SwapLog, F64]:
-    """Reassign to ``counts``, then swap toward ``search_goal``; returns staged, log, peaks."""
+    """Reassign to ``counts``, then swap toward ``search_goal``; returns staged, log, peaks.
+
+    With two slots per rank (``limits`` given), rows first re-pair as few ranks as reach the
+    limits (:func:`~eplb_service.policy.pairs.repair_pairs`: a swap rewrites a slot on two
+    ranks, a re-paired rank one); rows it cannot repair are reassigned as with more slots.
+    """
     staged = _reassign(weight, costs.original, counts, goal, costs)
+    if limits is not None:
+        repaired, ok = repair_pairs(weight, costs.original, counts, limits)
+        staged[ok] = repaired[ok]
     load = _slot_loads(weight / counts, staged)
     load, _, log = refine_swaps(load, staged, search_goal, costs=costs, max_moves=max_moves,
                                 lanes=SEARCH_LANES)
@@ -377,9 +391,15 @@ def replan(
     logs: list[tuple[I64, SwapLog]] = []
     met = ~must_fix & (peak0 <= goal * (1 + 1e-9))
 
+    limits: PairLimits | None = None  # two slots per rank: set with the fresh plan
+    limit_rows = np.zeros(0, dtype=np.int64)  # the rows of ``limits``
+
     def attempt(rows: I64, counts: I64) -> tuple[I64, SwapLog, F64]:
+        pair_limits = None
+        if limits is not None:
+            pair_limits = limits.rows(np.searchsorted(limit_rows, rows))
         return _attempt(weight[rows], counts, goal[rows], search_goal[rows], costs.rows(rows),
-                        max_moves)
+                        max_moves, pair_limits)
 
     def accept(rows: I64, counts: I64, got: I64, log: SwapLog, last: F64) -> I64:
         """Keeps the attempt's rows that meet their goal; returns the others."""
@@ -416,6 +436,17 @@ def replan(
         met[todo] = ~must_fix[todo] & (peak0[todo] <= goal[todo] * (1 + 1e-9))
         busy = must_fix[todo] | (peak0[todo] > goal[todo] * (1 + 1e-9))
         todo, fresh_item, fresh_peak = todo[busy], fresh_item[busy], fresh_peak[busy]
+    if todo.size and per_rank == 2:
+        # Two slots per rank: re-pair ranks toward the fresh plan's counts and partner
+        # envelope (a count change costs one rewrite here, and hysteresis counts left the
+        # next window's balancedness ~0.3% lower); rows it cannot repair take steps 1-3.
+        limit_rows = todo
+        limits = PairLimits.from_fresh(weight[todo], fresh_item, goal[todo], fresh_peak)
+        later = accept(todo, count_rows(fresh_item, n),
+                       *attempt(todo, count_rows(fresh_item, n)))
+        keep = np.isin(todo, later)
+        todo, fresh_item, fresh_peak = todo[keep], fresh_item[keep], fresh_peak[keep]
+        limits = None
     if todo.size:
         # 1. Hysteresis counts: change only those that must change.
         level = (weight[todo] / count_rows(fresh_item, n)).max(axis=1) * (1 + tolerance)
