@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["ByteCopier", "CopyRange", "batched_copy_available"]
@@ -74,6 +73,11 @@ def batched_copy_available() -> bool:
     return torch.cuda.is_available() and _kernel() is not None
 
 
+def _copy(r: CopyRange) -> None:
+    dst, do, src, so, n = r
+    dst[do:do + n].copy_(src[so:so + n])
+
+
 class _TableSlot:
     """A pinned host table, its device copy and the event after the launch that read it."""
 
@@ -103,22 +107,22 @@ class ByteCopier:
         device = ranges[0][0].device
         kernel = _kernel() if self.batched and device.type == "cuda" else None
         if kernel is None or len(ranges) < MIN_BATCH:
-            for dst, do, src, so, n in ranges:
-                dst[do:do + n].copy_(src[so:so + n])
+            for r in ranges:
+                _copy(r)
             return
-        table = np.empty((len(ranges), 3), dtype=np.int64)
+        slot = self._slot(len(ranges), device)
+        table = slot.host.numpy()  # written in place: pinned, uploaded below
         rows = 0
-        for dst, do, src, so, n in ranges:
+        for r in ranges:
+            dst, do, src, so, n = r
             s_addr, d_addr = src.data_ptr() + so, dst.data_ptr() + do
             if (s_addr | d_addr | n) % _WORD:
-                dst[do:do + n].copy_(src[so:so + n])  # unaligned: the plain path
+                _copy(r)  # unaligned: the plain path
                 continue
             table[rows] = (s_addr, d_addr, n // _WORD)
             rows += 1
         if not rows:
             return
-        slot = self._slot(rows, device)
-        slot.host[:rows].numpy()[:] = table[:rows]
         dev = slot.device[:rows]
         dev.copy_(slot.host[:rows], non_blocking=True)
         chunks = int(-(-int(table[:rows, 2].max()) // _CHUNK_WORDS))

@@ -374,14 +374,9 @@ class ExpertWeights:
         layers with ``preflight=False``."""
         comm = self._comm(group)
         todo = list(plan.changed_layers if layers is None else layers)
-        works: list[_LayerWork | None] = []
-        reasons: list[str | None] = []
-        for layer in todo:
-            work, reason = self._try_prepare(layer, plan[layer], comm, 0)
-            works.append(work)
-            reasons.append(reason)
         items: list[tuple[int, Any, FaultHook | None]] = [(layer, plan[layer], None)
                                                           for layer in todo]
+        works, reasons = self._prepare_all(items, comm)
         errors, _ = self._vote_ready(items, works, reasons, comm, stop_on_error=False)
         return errors
 
@@ -436,12 +431,23 @@ class ExpertWeights:
             self._comms[key] = comm
         return comm
 
-    def _try_prepare(self, layer: int, transfers: Any, comm: _Comm,
-                     tag: int) -> tuple[_LayerWork | None, str | None]:
-        try:
-            return self._prepare(layer, transfers, comm.rank, comm.world, tag), None
-        except Exception as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+    def _prepare_all(
+        self, items: list[tuple[int, Any, FaultHook | None]], comm: _Comm
+    ) -> tuple[list[_LayerWork | None], list[str | None]]:
+        """Prepare every item (rank-local): its work, or ``None`` and the reason it failed.
+        Each item takes the next P2P tag (``_calls`` advances alike on every rank)."""
+        works: list[_LayerWork | None] = []
+        reasons: list[str | None] = []
+        for layer, transfers, _ in items:
+            self._calls += 1
+            try:
+                works.append(self._prepare(layer, transfers, comm.rank, comm.world,
+                                           self._calls % (1 << 20)))
+                reasons.append(None)
+            except Exception as exc:
+                works.append(None)
+                reasons.append(f"{type(exc).__name__}: {exc}")
+        return works, reasons
 
     def _vote_ready(
         self,
@@ -507,21 +513,14 @@ class ExpertWeights:
         skipped: list[tuple[int, int]] = []
 
         # 1. prepare (rank-local; errors are reported through the pre-flight all-reduce).
-        works: list[_LayerWork | None] = []
-        reasons: list[str | None] = []
-        for layer, transfers, _ in items:
-            self._calls += 1
-            work, reason = self._try_prepare(layer, transfers, comm, self._calls % (1 << 20))
-            works.append(work)
-            reasons.append(reason)
+        works, reasons = self._prepare_all(items, comm)
 
         # 2. one pre-flight all-reduce for every layer (unless the caller verified them).
         self._trace("prepared")
         if preflight:
             errors, stop_at = self._vote_ready(items, works, reasons, comm, stop_on_error)
             self._trace("preflight")
-            if stop_at == 0 and items and items[0][0] in errors \
-                    and errors[items[0][0]].phase == "status":
+            if any(e.phase == "status" for e in errors.values()):  # the exchange broke
                 skipped += [(layer, items[0][0]) for layer, _, _ in items[1:]]
                 return [], errors, skipped
         else:
@@ -536,15 +535,16 @@ class ExpertWeights:
             ready = []
 
         # 3.-6. per group: stage + pack + post, wait + status all-reduce, commit (pipelined).
-        device = next((w.device for w in works if w is not None), None)
-        if device is not None and device.type == "cuda":
-            # Packing runs on its own stream from here on (see _pack): it starts after what
-            # the caller queued so far, including the waits on earlier commits of these layers.
-            self._entry = torch.cuda.current_stream(device).record_event()
         groups = self._groups(ready, items, comm.world, group_bytes)
         # Packing on the side stream pays (~40 us of host time per group) only when there is
-        # a previous group's transfer to overlap.
-        self._overlap = self.side_stream_packing and len(groups) > 1
+        # a previous group's transfer to overlap. It starts after what the caller queued so
+        # far, including the waits on earlier commits of these layers (see _pack).
+        first = works[groups[0][0]] if groups else None
+        self._overlap = (self.side_stream_packing and len(groups) > 1
+                         and first is not None and first.device.type == "cuda")
+        if self._overlap:
+            assert first is not None
+            self._entry = torch.cuda.current_stream(first.device).record_event()
         pending: _Group | None = None
         done: dict[int, LayerMigrationStats] = {}
         stop_all = False
@@ -789,8 +789,7 @@ class ExpertWeights:
         if self._pack_stream is None or self._pack_stream.device != device:
             self._pack_stream = torch.cuda.Stream(device)
         stream = self._pack_stream
-        if self._entry is not None:
-            stream.wait_event(self._entry)
+        stream.wait_event(self._entry)
         released = self._released[index]
         if released is not None:
             stream.wait_event(released)
@@ -1044,39 +1043,50 @@ class _LayerWork:
         start = offset + sum(_align(n * e.row_bytes) for e in self.entries[:k])
         return start + first * self.entries[k].row_bytes
 
+    def _into_block(self, out: list[CopyRange], offset: int, n: int,
+                    pairs: Iterable[tuple[int, int]]) -> None:
+        """Queue ``(local slot, block row)`` copies from the weights into the ``n``-expert
+        block at ``offset``: one range per tensor per span."""
+        assert self.staging is not None
+        for slot, row, count in _spans(pairs):
+            for k, entry in enumerate(self.entries):
+                size = entry.row_bytes
+                out.append((self.staging, self._at(offset, n, k, row),
+                            entry.flat, slot * size, count * size))
+
+    def _from_block(self, out: list[CopyRange], offset: int, n: int,
+                    pairs: Iterable[tuple[int, int]]) -> None:
+        """Queue ``(block row, local slot)`` copies from the ``n``-expert block at ``offset``
+        into the weights: one range per tensor per span."""
+        for row, slot, count in _spans(pairs):
+            assert self.staging is not None  # a block with rows has a staging buffer
+            for k, entry in enumerate(self.entries):
+                size = entry.row_bytes
+                out.append((entry.flat, slot * size, self.staging,
+                            self._at(offset, n, k, row), count * size))
+
     def stage(self, out: list[CopyRange]) -> None:
         """Queue copies of the sources of local copies that this layer overwrites into its
         staged block."""
-        assert self.staging is not None
-        pairs = [(c.src_slot - self.base, j)
-                 for j, c in enumerate(c for c in self.copies if c.staged)]
-        for src, dst, n in _spans(pairs):
-            for k, entry in enumerate(self.entries):
-                size = entry.row_bytes
-                out.append((self.staging, self._at(self.staged_off, self.staged_count, k, dst),
-                            entry.flat, src * size, n * size))
+        staged = (c for c in self.copies if c.staged)
+        self._into_block(out, self.staged_off, self.staged_count,
+                         ((c.src_slot - self.base, j) for j, c in enumerate(staged)))
 
     def pack(self, out: list[CopyRange]) -> None:
         """Queue copies of every expert this rank sends into its peer's send block (one range
         per tensor per run of consecutive source slots)."""
-        assert self.staging is not None
         for peer, sends in self.send_to.items():
-            offset, n = self.send_off[peer], len(sends)
-            for src, dst, count in _spans((t.src_slot - self.base, j)
-                                          for j, t in enumerate(sends)):
-                for k, entry in enumerate(self.entries):
-                    size = entry.row_bytes
-                    out.append((self.staging, self._at(offset, n, k, dst),
-                                entry.flat, src * size, count * size))
+            self._into_block(out, self.send_off[peer], len(sends),
+                             ((t.src_slot - self.base, j) for j, t in enumerate(sends)))
 
     def commit(self, out: list[CopyRange]) -> None:
         """Queue the writes of every changed slot of this rank (run only after every rank's
         transfers completed): one range per tensor per span of consecutive block rows ->
         consecutive slots."""
-        blocks: list[tuple[int, int, list[tuple[int, int]]]] = []  # (offset, n, [(row, slot)])
         for peer, receives in self.recv_from.items():
-            pairs = [(j, d - self.base) for j, t in enumerate(receives) for d in t.dst_slots]
-            blocks.append((self.recv_off[peer], len(receives), pairs))
+            self._from_block(out, self.recv_off[peer], len(receives),
+                             ((j, d - self.base) for j, t in enumerate(receives)
+                              for d in t.dst_slots))
         staged: list[tuple[int, int]] = []
         direct: list[tuple[int, int]] = []  # (local src slot, local dst slot)
         j = 0
@@ -1086,14 +1096,7 @@ class _LayerWork:
                 j += 1
             else:  # an unstaged source slot is unchanged in this layer: read it directly
                 direct += [(copy.src_slot - self.base, d - self.base) for d in copy.dst_slots]
-        blocks.append((self.staged_off, self.staged_count, staged))
-        for offset, n, pairs in blocks:
-            for src, dst, count in _spans(pairs):
-                assert self.staging is not None  # a block with rows has a staging buffer
-                for k, entry in enumerate(self.entries):
-                    size = entry.row_bytes
-                    out.append((entry.flat, dst * size, self.staging,
-                                self._at(offset, n, k, src), count * size))
+        self._from_block(out, self.staged_off, self.staged_count, staged)
         for src, dst, count in _spans(direct):
             for entry in self.entries:
                 size = entry.row_bytes
