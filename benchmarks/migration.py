@@ -228,14 +228,21 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
 
 
 def _plain(rank: int, world: int, nbytes: int, device: torch.device) -> Any:
-    send = torch.full((nbytes,), rank % 251, dtype=torch.uint8, device=device)
-    recv = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    nxt, prev = (rank + 1) % world, (rank - 1) % world
+    """Plain send/recv of ``nbytes`` around the ring: to the next rank, from the previous."""
+    sends, recvs = [0] * world, [0] * world
+    sends[(rank + 1) % world] = recvs[(rank - 1) % world] = nbytes
+    return _exchange(sends, recvs, device)
+
+
+def _exchange(sends: list[int], recvs: list[int], device: torch.device) -> Any:
+    """One ``batch_isend_irecv`` of one buffer per peer and direction (bytes per peer)."""
+    bufs = [(peer, torch.zeros(n, dtype=torch.uint8, device=device), kind)
+            for kind, sizes in ((dist.isend, sends), (dist.irecv, recvs))
+            for peer, n in enumerate(sizes) if n]
 
     def run() -> None:
-        ops = [dist.P2POp(dist.isend, send, group_peer=nxt),
-               dist.P2POp(dist.irecv, recv, group_peer=prev)]
-        for work in dist.batch_isend_irecv(ops):
+        ops = [dist.P2POp(kind, buf, group_peer=peer) for peer, buf, kind in bufs]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
             work.wait()
 
     return run
@@ -323,16 +330,7 @@ def _plain_plan(rank: int, world: int, plan: Any, expert: int, device: torch.dev
                 sends[t.dst_rank] += expert
             if t.dst_rank == rank:
                 recvs[t.src_rank] += expert
-    bufs = [(peer, torch.zeros(n, dtype=torch.uint8, device=device), kind)
-            for kind, sizes in ((dist.isend, sends), (dist.irecv, recvs))
-            for peer, n in enumerate(sizes) if n]
-
-    def run() -> None:
-        ops = [dist.P2POp(kind, buf, group_peer=peer) for peer, buf, kind in bufs]
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            work.wait()
-
-    return run
+    return _exchange(sends, recvs, device)
 
 
 # ---------------------------------------------------------------------------------------------
