@@ -391,15 +391,10 @@ def replan(
     logs: list[tuple[I64, SwapLog]] = []
     met = ~must_fix & (peak0 <= goal * (1 + 1e-9))
 
-    limits: PairLimits | None = None  # two slots per rank: set with the fresh plan
-    limit_rows = np.zeros(0, dtype=np.int64)  # the rows of ``limits``
-
-    def attempt(rows: I64, counts: I64) -> tuple[I64, SwapLog, F64]:
-        pair_limits = None
-        if limits is not None:
-            pair_limits = limits.rows(np.searchsorted(limit_rows, rows))
+    def attempt(rows: I64, counts: I64,
+                limits: PairLimits | None = None) -> tuple[I64, SwapLog, F64]:
         return _attempt(weight[rows], counts, goal[rows], search_goal[rows], costs.rows(rows),
-                        max_moves, pair_limits)
+                        max_moves, limits)
 
     def accept(rows: I64, counts: I64, got: I64, log: SwapLog, last: F64) -> I64:
         """Keeps the attempt's rows that meet their goal; returns the others."""
@@ -440,13 +435,11 @@ def replan(
         # Two slots per rank: re-pair ranks toward the fresh plan's counts and partner
         # envelope (a count change costs one rewrite here, and hysteresis counts left the
         # next window's balancedness ~0.3% lower); rows it cannot repair take steps 1-3.
-        limit_rows = todo
         limits = PairLimits.from_fresh(weight[todo], fresh_item, goal[todo], fresh_peak)
-        later = accept(todo, count_rows(fresh_item, n),
-                       *attempt(todo, count_rows(fresh_item, n)))
+        counts = count_rows(fresh_item, n)
+        later = accept(todo, counts, *attempt(todo, counts, limits))
         keep = np.isin(todo, later)
         todo, fresh_item, fresh_peak = todo[keep], fresh_item[keep], fresh_peak[keep]
-        limits = None
     if todo.size:
         # 1. Hysteresis counts: change only those that must change.
         level = (weight[todo] / count_rows(fresh_item, n)).max(axis=1) * (1 + tolerance)

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from eplb_service.policy.fresh import item_loads
+
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 B8 = npt.NDArray[np.bool_]
@@ -80,11 +82,7 @@ class PairLimits:
     def from_fresh(cls, weight: F64, fresh: I64, goal: F64, fresh_peak: F64) -> PairLimits:
         """Limits shaped after the fresh plan ``fresh [X, R, 2]`` of the loads ``weight [X, n]``
         (largest rank load ``fresh_peak [X]``)."""
-        num_rows, n = weight.shape
-        counts = np.zeros((num_rows, n), dtype=np.int64)
-        np.add.at(counts, (np.arange(num_rows)[:, None], fresh.reshape(num_rows, -1)), 1)
-        per = weight / np.maximum(counts, 1)
-        val = per[np.arange(num_rows)[:, None, None], fresh]
+        val = item_loads(weight, fresh)  # [X, R, 2]
         hi, lo = val.max(axis=2), val.min(axis=2)
         order = np.argsort(hi, axis=1, kind="stable")
         hi = np.take_along_axis(hi, order, axis=1)
@@ -92,9 +90,6 @@ class PairLimits:
         lo = np.maximum.accumulate(lo[:, ::-1], axis=1)[:, ::-1]
         slack = SLACK * np.maximum(goal - fresh_peak, 0.0)
         return cls(goal, slack, hi, lo)
-
-    def rows(self, index: I64) -> PairLimits:
-        return PairLimits(self.goal[index], self.slack[index], self.hi[index], self.lo[index])
 
     def row(self, x: int) -> _Limit:
         return _Limit(float(self.goal[x]), float(self.slack[x]), self.hi[x], self.lo[x])
