@@ -77,8 +77,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pack on the caller's stream (ExpertWeights(side_stream_packing=False))")
     p.add_argument("--unbatched-copies", action="store_true",
                    help="one copy_ per byte range (ExpertWeights(batched_copies=False))")
+    p.add_argument("--in-flight", type=int, default=1,
+                   help="groups queued on the GPU (ExpertWeights(groups_in_flight=N))")
+    p.add_argument("--group-mib", type=int, default=None,
+                   help="bytes received per group of layers (migrate(group_bytes=N MiB))")
     p.add_argument("--phases", action="store_true",
                    help="also time the host phases of three migrations (ExpertWeights tracer)")
+    p.add_argument("--timeout-s", type=float, default=30.0,
+                   help="timeout_s of every migration call, as engines pass one (0: none)")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput rows")
+    p.add_argument("--trace", type=Path,
+                   help="NCCL: profile one all-at-once rebalance (torch.profiler) and write "
+                        "rank 0's GPU timeline summary here")
+    p.add_argument("--host-profile", type=Path,
+                   help="cProfile one all-at-once rebalance on rank 0; write the top functions "
+                        "by own time here")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--markdown", type=Path, help="also write the tables here")
     args = p.parse_args(argv)
@@ -125,7 +138,8 @@ def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
            rank: int, args: argparse.Namespace, tracer: Any = None) -> ExpertWeights:
     weights = ExpertWeights(slots, tracer=tracer,
                             side_stream_packing=not args.caller_stream_packing,
-                            batched_copies=not args.unbatched_copies)
+                            batched_copies=not args.unbatched_copies,
+                            groups_in_flight=args.in_flight)
     for layer in range(layers):
         weights.register_layer(layer, {
             name: torch.full((slots, hidden, ffn), (rank * 7 + layer) % 251, dtype=torch.uint8,
@@ -154,8 +168,11 @@ class _Flip:
     """Migrates back and forth between two maps (so every call moves the same bytes)."""
 
     def __init__(self, weights: ExpertWeights, old: np.ndarray, new: np.ndarray,
-                 world: int) -> None:
+                 world: int, group_bytes: int | None = None,
+                 timeout_s: float | None = None) -> None:
         self.weights = weights
+        self.group_bytes = group_bytes
+        self.timeout_s = timeout_s
         self.plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
         self.layer0 = 0  # plans[layer0] applies to layer 0 next
         self.rest = 0  # plans[rest] applies to the other layers next
@@ -166,7 +183,8 @@ class _Flip:
             assert not weights.preflight(plan)
 
     def one_layer(self, preflight: bool = True) -> None:
-        self.weights.migrate_layer(0, self.plans[self.layer0][0], preflight=preflight)
+        self.weights.migrate_layer(0, self.plans[self.layer0][0], preflight=preflight,
+                                   timeout_s=self.timeout_s)
         self.layer0 ^= 1
 
     def one_layer_verified(self) -> None:
@@ -175,7 +193,8 @@ class _Flip:
     def all_layers(self, preflight: bool = True) -> None:
         if self.layer0 != self.rest:
             self.one_layer()  # untimed alignment happens only between measurements
-        report = self.weights.migrate(self.plans[self.rest], preflight=preflight)
+        report = self.weights.migrate(self.plans[self.rest], preflight=preflight,
+                                      group_bytes=self.group_bytes, timeout_s=self.timeout_s)
         assert not report.failed, report.failed
         self.layer0 ^= 1
         self.rest ^= 1
@@ -190,7 +209,8 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
     expert = 3 * args.hidden * args.ffn
     for moves in args.moves:
         weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank, args)
-        flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world)
+        flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world,
+                     _group_bytes(args), _timeout(args))
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
         t_layer_v = _median(flip.one_layer_verified, device, args.iters, args.warmup)
         if flip.layer0 != flip.rest:
@@ -290,7 +310,9 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
                 # The rollout path: the first step verifies every layer (one pre-flight).
                 first = list(plan.changed_layers) if lo == 0 else None
                 step_pauses.append(_timed(
-                    lambda ls=layers, p=plan, f=first: _checked(weights, p, ls, f), device))
+                    lambda ls=layers, p=plan, f=first: _checked(weights, p, ls, f,
+                                                                _group_bytes(args), _timeout(args)),
+                    device))
             if rep:  # the first is warm-up
                 pauses.append(max(step_pauses))
                 totals.append(sum(step_pauses))
@@ -311,11 +333,21 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
     return rows
 
 
+def _group_bytes(args: argparse.Namespace) -> int | None:
+    return None if args.group_mib is None else args.group_mib * MiB
+
+
+def _timeout(args: argparse.Namespace) -> float | None:
+    return args.timeout_s or None
+
+
 def _checked(weights: ExpertWeights, plan: Any, layers: list[int],
-             verify: list[int] | None) -> None:
+             verify: list[int] | None, group_bytes: int | None,
+             timeout_s: float | None) -> None:
     if verify is not None:
         assert not weights.preflight(plan, layers=verify)
-    report = weights.migrate(plan, layers=layers, preflight=False)
+    report = weights.migrate(plan, layers=layers, preflight=False, group_bytes=group_bytes,
+                             timeout_s=timeout_s)
     assert not report.failed, report.failed
 
 
@@ -371,7 +403,8 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
         log = _PhaseLog()
         weights = _build(layers, max(args.slots, moves), args.hidden, args.ffn, device, rank,
                          args, tracer=log)
-        flip = _Flip(weights, *_ring_maps(layers, world, max(args.slots, moves), moves), world)
+        flip = _Flip(weights, *_ring_maps(layers, world, max(args.slots, moves), moves), world,
+                     _group_bytes(args), _timeout(args))
         for i in range(args.warmup + args.iters):
             log.on = i >= args.warmup
             _timed(flip.all_layers_verified, device)
@@ -384,20 +417,146 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
     plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
     for i in range(args.warmup + args.iters // 2 * 2):
         log.on = i >= args.warmup
-        _timed(lambda p=plans[i % 2]: _checked(weights, p, list(p.changed_layers), None), device)
+        _timed(lambda p=plans[i % 2]: _checked(weights, p, list(p.changed_layers), None,
+                                               _group_bytes(args), _timeout(args)), device)
     out.append({"case": f"rebalance, {args.layers} layers at once", "phases": log.medians()})
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
+def _trace(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> str:
+    """GPU timeline of one all-at-once rebalance (after two untimed ones), summarised: busy
+    time of the NCCL kernels and of the copies, their overlap, the transport's idle gaps."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(args.seed)
+    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
+    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args)
+    plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
+    for p in plans:
+        _timed(lambda p=p: _checked(weights, p, list(p.changed_layers), None,
+                                    _group_bytes(args), _timeout(args)), device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        took = _timed(lambda: _checked(weights, plans[0], list(plans[0].changed_layers), None,
+                                       _group_bytes(args), _timeout(args)), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+           and "dur" in e]
+    return _summarise(gpu, took)
+
+
+def _host_profile(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> str:
+    """cProfile of one all-at-once rebalance (after two untimed ones): where the host goes."""
+    import cProfile
+    import io
+    import pstats
+
+    rng = np.random.default_rng(args.seed)
+    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
+    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args)
+    plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
+
+    def call(p: Any) -> None:
+        _checked(weights, p, list(p.changed_layers), None, _group_bytes(args), _timeout(args))
+
+    for p in plans:
+        _timed(lambda p=p: call(p), device)
+    profiler = cProfile.Profile()
+    _sync(device)
+    dist.barrier()
+    profiler.enable()
+    call(plans[0])
+    profiler.disable()
+    _sync(device)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.print_callers("sleep|irecv|synchronize")
+    return out.getvalue()
+
+
+def _summarise(gpu: list[dict[str, Any]], took: float) -> str:
+    def kind(e: dict[str, Any]) -> str:
+        name = e["name"].lower()
+        if "nccl" in name:
+            return "nccl"
+        if "copy" in name or e["cat"] == "gpu_memcpy":
+            return "copy"
+        return "other"
+
+    if not gpu:
+        return "no GPU events recorded\n"
+    t0 = min(e["ts"] for e in gpu)
+    spans: dict[str, list[tuple[float, float]]] = {"nccl": [], "copy": [], "other": []}
+    for e in gpu:
+        spans[kind(e)].append((e["ts"] - t0, e["ts"] - t0 + e["dur"]))
+
+    def union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for lo, hi in sorted(iv):
+            if out and lo <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], hi))
+            else:
+                out.append((lo, hi))
+        return out
+
+    def length(iv: list[tuple[float, float]]) -> float:
+        return sum(hi - lo for lo, hi in iv)
+
+    def intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+        total, j = 0.0, 0
+        for lo, hi in a:
+            while j < len(b) and b[j][1] <= lo:
+                j += 1
+            k = j
+            while k < len(b) and b[k][0] < hi:
+                total += max(0.0, min(hi, b[k][1]) - max(lo, b[k][0]))
+                k += 1
+        return total
+
+    u = {k: union(v) for k, v in spans.items()}
+    end = max(hi for v in spans.values() for _, hi in v)
+    nccl = u["nccl"]
+    gaps = [(nccl[i][1], nccl[i + 1][0]) for i in range(len(nccl) - 1)]
+    lines = [
+        f"call {took * 1e3:.2f} ms (host, max over ranks); GPU span {end / 1e3:.2f} ms",
+        f"nccl busy {length(nccl) / 1e3:.2f} ms in {len(nccl)} spans; copy busy "
+        f"{length(u['copy']) / 1e3:.2f} ms; other {length(u['other']) / 1e3:.2f} ms",
+        f"copy while nccl runs {intersect(u['copy'], nccl) / 1e3:.2f} ms; nccl idle gaps "
+        f"{sum(b - a for a, b in gaps) / 1e3:.2f} ms (largest "
+        f"{max((b - a for a, b in gaps), default=0.0):.0f} us)",
+        "",
+        "start_us dur_us stream kind name",
+    ]
+    for e in sorted(gpu, key=lambda e: e["ts"]):
+        stream = e.get("args", {}).get("stream", e.get("tid"))
+        lines.append(f"{e['ts'] - t0:9.1f} {e['dur']:8.1f} {stream!s:>6} {kind(e):5} "
+                     f"{e['name'][:60]}")
+    return "\n".join(lines) + "\n"
+
+
 def bench(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any] | None:
     """Both measurements on this rank (torch.distributed is up); rank 0 returns the results."""
     device = (torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl"
               else torch.device("cpu"))
-    throughput = _throughput(rank, world, args, device)
+    throughput = [] if args.no_throughput else _throughput(rank, world, args, device)
     pause = _pause(rank, world, args, device)
     phases = _phases(rank, world, args, device) if args.phases else []
+    if args.host_profile is not None:
+        text = _host_profile(rank, world, args, device)
+        if rank == 0:
+            args.host_profile.write_text(text)
+    if args.trace is not None and device.type == "cuda":
+        timeline = _trace(rank, world, args, device)
+        if rank == 0:
+            args.trace.write_text(timeline)
     if rank:
         return None
     return {

@@ -47,8 +47,8 @@ def _device(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build(rank: int, phy2log: np.ndarray) -> ExpertWeights:
-    weights = ExpertWeights(S)
+def build(rank: int, phy2log: np.ndarray, in_flight: int = 1) -> ExpertWeights:
+    weights = ExpertWeights(S, groups_in_flight=in_flight)
     for layer in range(L):
         mine = phy2log[layer, rank * S:(rank + 1) * S]
         weights.register_layer(layer, {
@@ -81,13 +81,14 @@ def pointers(weights: ExpertWeights) -> list[int]:
 # rank workers (run in spawned processes)
 
 
-def _chain(rank: int, world: int, seed: int, hops: int, nodes: int) -> dict[str, Any]:
+def _chain(rank: int, world: int, seed: int, hops: int, nodes: int,
+           in_flight: int = 1) -> dict[str, Any]:
     rng = np.random.default_rng(seed)  # the same maps on every rank
     maps = [random_placement(rng, L, E, world * S) for _ in range(hops + 1)]
     maps[2][1] = maps[1][1]  # layer 1 does not change in the second hop
     maps.append(np.roll(maps[-1], S, axis=1))  # every rank takes its left neighbour's slots:
     # runs of consecutive source slots, sent as one op per tensor
-    weights = build(rank, maps[0])
+    weights = build(rank, maps[0], in_flight)
     before = pointers(weights)
     out: dict[str, Any] = {"bad": [], "failed": [], "bytes": 0, "copies": 0, "layers": []}
     for hop, (old, new) in enumerate(itertools.pairwise(maps)):
@@ -117,11 +118,11 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int) -> dict[str,
     return out
 
 
-def _failures(rank: int, world: int, seed: int) -> dict[str, Any]:
+def _failures(rank: int, world: int, seed: int, in_flight: int = 1) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     old, new, other = (random_placement(rng, L, E, world * S) for _ in range(3))
     plan = plan_transfers(old, new, world)
-    weights = build(rank, old)
+    weights = build(rank, old, in_flight)
     before = pointers(weights)
     out: dict[str, Any] = {}
 
@@ -139,12 +140,12 @@ def _failures(rank: int, world: int, seed: int) -> dict[str, Any]:
 
     # 1b. The same with one layer per group (pipelined), and in stop mode: layer 0 applied,
     # layer 1 failed, layer 2 not attempted (posted, never written).
-    fresh = build(rank, old)
+    fresh = build(rank, old, in_flight)
     report = fresh.migrate(plan, fault=fail_rank1_layer1, group_bytes=1)
     out["grouped"] = (list(report.applied_layers), sorted(report.failed),
                       mismatches(fresh, rank, old, [1]) == [],
                       mismatches(fresh, rank, new, [0, 2]) == [])
-    fresh = build(rank, old)
+    fresh = build(rank, old, in_flight)
     report = fresh.migrate(plan, fault=fail_rank1_layer1, group_bytes=1, stop_on_error=True)
     out["stopped"] = (list(report.applied_layers), sorted(report.failed),
                       "not attempted" in report.failed.get(2, ""),
@@ -260,17 +261,25 @@ def test_failure_on_one_rank_leaves_the_layer_untouched_everywhere() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
-def test_random_migrations_over_nccl() -> None:
-    """The same chain over NCCL on 2 GPUs: packed regions, device votes, copy-stream commits."""
-    _check_chain(spawn_ranks(_chain, 2, 13, 3, 1, backend="nccl", start_method="spawn",
-                             timeout_s=180))
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_random_migrations_over_nccl(in_flight: int) -> None:
+    """The same chain over NCCL on 2 GPUs: packed regions, device votes, copy-stream commits,
+    one or two groups queued while the host commits the oldest."""
+    _check_chain(spawn_ranks(_chain, 2, 13, 3, 1, in_flight, backend="nccl",
+                             start_method="spawn", timeout_s=180))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
-def test_failure_on_one_rank_over_nccl() -> None:
-    _check_failures(spawn_ranks(_failures, 2, 5, backend="nccl", start_method="spawn",
-                                timeout_s=180))
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_failure_on_one_rank_over_nccl(in_flight: int) -> None:
+    _check_failures(spawn_ranks(_failures, 2, 5, in_flight, backend="nccl",
+                                start_method="spawn", timeout_s=180))
+
+
+def test_groups_in_flight_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="groups_in_flight"):
+        ExpertWeights(S, groups_in_flight=0)
 
 
 def test_timeout_fails_every_rank_without_writing() -> None:

@@ -25,11 +25,13 @@ case of :meth:`ExpertWeights.migrate`)::
        and ONE receive per peer in one torch.distributed.batch_isend_irecv (receives land in
        the staging buffer). One large message per peer is what the transport is fastest at:
        one op per expert tensor costs NCCL a fixed overhead each.
-    4. wait (bounded by ``timeout_s``), then start the status all-reduce MIN of
-       [ok, rank-if-failed] per layer of the group (on NCCL: device tensors, one D2H).
-    5. the next group is posted, then this group's status is read: every layer whose entry says
-       every rank received it is committed (copied into the registered tensors in place, on
-       CUDA on a copy stream, overlapping the next group's transfers); a failed layer is not.
+    4. wait (on gloo bounded by ``timeout_s``; on NCCL stream-ordered, the host does not
+       wait), then start the status all-reduce MIN of [ok, rank-if-failed] per layer of the
+       group (on NCCL: device tensors, one D2H).
+    5. once the next ``groups_in_flight`` groups are posted (on CPU one), this group's status
+       is read (on NCCL this is where ``timeout_s`` bounds the wait): every layer whose entry
+       says every rank received it is committed (copied into the registered tensors in place,
+       on CUDA on a copy stream, overlapping later groups' transfers); a failed layer is not.
 
 **Failure guarantee.** The registered tensors of a layer are written only in step 5, after the
 status all-reduce reported that every rank's receives for that layer completed. A failure anywhere
@@ -59,6 +61,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,13 +204,8 @@ class MigrationReport:
 class _Entry:
     name: str
     tensor: torch.Tensor
-    rows: torch.Tensor  # [S, row_bytes] uint8 view of ``tensor`` (same storage)
+    flat: torch.Tensor  # [S * row_bytes] uint8 view of ``tensor`` (same storage)
     row_bytes: int
-
-    @property
-    def flat(self) -> torch.Tensor:
-        """``[S * row_bytes]`` uint8 view of ``tensor``."""
-        return self.rows.view(-1)
 
 
 def _byte_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -228,6 +226,11 @@ class ExpertWeights:
         batched_copies: on CUDA with Triton, run a group's staging, packing and commit copies
             as one kernel launch each (:mod:`worker_agent.bytecopy`); ``False``: one
             ``copy_`` per range.
+        groups_in_flight: on CUDA, groups of layers queued on the GPU while the host reads the
+            oldest one's status and issues its commit (at least 1; on CPU, gloo, always 1).
+            More gives the GPU a queued transfer while the host works, for one more staging
+            buffer of up to 512 MiB each; on 2 x H200 2 measured the same as 1 (the host's
+            work per group, not the queue, sets the pace), so the default is 1.
 
     Register with :meth:`register` / :meth:`register_layer`; migrate with
     :meth:`migrate_layer` (one layer) or :meth:`migrate` (many). Calls to the ``migrate*``
@@ -235,19 +238,24 @@ class ExpertWeights:
     """
 
     def __init__(self, slots_per_rank: int, *, tracer: PhaseTracer | None = None,
-                 side_stream_packing: bool = True, batched_copies: bool = True) -> None:
+                 side_stream_packing: bool = True, batched_copies: bool = True,
+                 groups_in_flight: int = 1) -> None:
         if slots_per_rank < 1:
             raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
         self.slots_per_rank = int(slots_per_rank)
         self.tracer = tracer
         self.side_stream_packing = side_stream_packing
+        if groups_in_flight < 1:
+            raise ValueError(f"groups_in_flight must be >= 1, got {groups_in_flight}")
+        self.groups_in_flight = int(groups_in_flight)
         self._copier = ByteCopier(batched=batched_copies)
         self._layers: dict[int, dict[str, _Entry]] = {}
-        # Two staging buffers, alternating per group of layers, so that a group's commit (on
-        # the CUDA copy stream) overlaps the next group's transfers; ``_released[b]`` is the
-        # CUDA event after which buffer ``b`` is no longer read by a commit.
-        self._staging: list[torch.Tensor | None] = [None, None]
-        self._released: list[Any] = [None, None]
+        # Staging buffers used in turn by consecutive groups of layers (one more than the
+        # groups in flight), so that a group's commit (on the CUDA copy stream) overlaps later
+        # groups' transfers; ``_released[b]`` is the CUDA event after which buffer ``b`` is no
+        # longer read by a commit.
+        self._staging: list[torch.Tensor | None] = [None] * (self.groups_in_flight + 1)
+        self._released: list[Any] = [None] * (self.groups_in_flight + 1)
         self._committed: dict[int, Any] = {}  # layer -> CUDA event after its last commit
         self._copy_stream: Any = None
         self._pack_stream: Any = None  # stages and packs a group while the previous transfers
@@ -255,7 +263,7 @@ class ExpertWeights:
         self._overlap = False  # this call packs on the side stream
         self._calls = 0  # layers attempted so far: the same on every rank (P2P tags)
         self._comms: dict[int | None, _Comm] = {}  # per process group (vote buffers)
-        self._flip = 0  # staging buffer of the last group
+        self._buffer = 0  # staging buffer of the last group
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -283,7 +291,7 @@ class ExpertWeights:
                     f"{other.tensor.device}"
                 )
         rows = _byte_rows(tensor)
-        entries[name] = _Entry(name, tensor, rows, int(rows.shape[1]))
+        entries[name] = _Entry(name, tensor, rows.view(-1), int(rows.shape[1]))
 
     def register_layer(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Register several tensors of one layer (see :meth:`register`)."""
@@ -399,7 +407,9 @@ class ExpertWeights:
             group: the EP process group (rank ``r`` of the group is EP rank ``r``); ``None``:
                 the default group. Without ``torch.distributed`` initialized, a 1-rank group.
             timeout_s: bound on waiting for this rank's transfers (``None``: the group's
-                timeout). A timeout counts as a transfer failure (and usually breaks the group).
+                timeout). On gloo a timeout counts as a transfer failure; on NCCL it is a
+                ``"status"`` failure, since the transfers and the status all-reduce behind them
+                are one wait there. Either usually breaks the group.
             fault: called with ``"post"`` before this rank posts its transfers (raising: the
                 rank posts nothing, its peers' transfers fail or time out) and with
                 ``"received"`` after they completed (on CUDA the stream is synchronized first);
@@ -438,6 +448,13 @@ class ExpertWeights:
         Each item takes the next P2P tag (``_calls`` advances alike on every rank)."""
         works: list[_LayerWork | None] = []
         reasons: list[str | None] = []
+        # A layer's previous commit may still run on the copy stream: what is staged and sent
+        # must read its result. Layers of one group share one event: wait once per event.
+        pending = {id(e): e for layer, _, _ in items if (e := self._committed.get(layer))}
+        if pending and self._copy_stream is not None:
+            stream = torch.cuda.current_stream(self._copy_stream.device)
+            for event in pending.values():
+                stream.wait_event(event)
         for layer, transfers, _ in items:
             self._calls += 1
             try:
@@ -545,20 +562,33 @@ class ExpertWeights:
         if self._overlap:
             assert first is not None
             self._entry = torch.cuda.current_stream(first.device).record_event()
-        pending: _Group | None = None
+        # Groups in flight: on CUDA the host reads group g's status while groups g + 1 ..
+        # g + depth are queued on the GPU, so the host work of a group (its commit, the next
+        # pack and post) hides behind the queued transfers. On CPU (gloo) one: the commit, a
+        # memcpy on this thread, overlaps the next group's transfer, which gloo runs in the
+        # background.
+        cuda = first is not None and first.device.type == "cuda"
+        depth = self.groups_in_flight if cuda else 1
+        pending: deque[_Group] = deque()
         done: dict[int, LayerMigrationStats] = {}
         stop_all = False
         for indices in groups:
-            batch = self._post(indices, items, works, comm)
-            if pending is not None:
-                stop_all = self._finish(pending, items, errors, done, stop_on_error)
+            batch = self._post(indices, items, works, comm, depth)
+            if len(pending) == depth:
+                stop_all = self._finish(pending.popleft(), items, errors, done, stop_on_error,
+                                        timeout_s)
                 if stop_all:
-                    self._abandon(batch, timeout_s)
+                    for later in (*pending, batch):
+                        self._abandon(later, timeout_s, comm)
                     break
             self._complete(batch, items, comm, timeout_s)
-            pending = batch
-        if pending is not None and not stop_all:
-            self._finish(pending, items, errors, done, stop_on_error)
+            pending.append(batch)
+        while pending and not stop_all:
+            stop_all = self._finish(pending.popleft(), items, errors, done, stop_on_error,
+                                    timeout_s)
+            if stop_all:
+                for later in pending:
+                    self._abandon(later, timeout_s, comm)
 
         applied: list[LayerMigrationStats] = []
         halt: int | None = None  # the error that stopped the call
@@ -604,13 +634,14 @@ class ExpertWeights:
         return out
 
     def _post(self, indices: list[int], items: list[Any], works: list[_LayerWork | None],
-              comm: _Comm) -> _Group:
+              comm: _Comm, depth: int) -> _Group:
         """Lay out the group's staging buffer, stage local copies, pack the sends, post one
-        receive and one send per peer (see :class:`_Layout`)."""
+        receive and one send per peer (see :class:`_Layout`). Staging buffers rotate over
+        ``depth + 1`` (the groups in flight and the one committing)."""
         start = time.perf_counter()
-        self._flip ^= 1
+        self._buffer = (self._buffer + 1) % (depth + 1)
         batch = _Group(indices, [w for i in indices if (w := works[i]) is not None],
-                       self._flip, start)
+                       self._buffer, start)
         layout = _Layout(batch.works)
         device = batch.works[0].device
         try:
@@ -677,13 +708,15 @@ class ExpertWeights:
             batch.status_error = str(exc)
 
     def _finish(self, batch: _Group, items: list[Any], errors: dict[int, MigrationError],
-                done: dict[int, LayerMigrationStats], stop_on_error: bool) -> bool:
-        """Read the group's status; commit every layer every rank received (in stop mode: up
-        to the first failure). Returns whether to stop (the same on every rank)."""
+                done: dict[int, LayerMigrationStats], stop_on_error: bool,
+                timeout_s: float | None) -> bool:
+        """Read the group's status (on NCCL: the bound on this rank's transfers, see
+        :meth:`_Comm.wait`); commit every layer every rank received (in stop mode: up to the
+        first failure). Returns whether to stop (the same on every rank)."""
         status: list[int] | None = None
         if batch.status is not None and batch.status_error is None:
             try:
-                status = batch.status.result()
+                status = batch.status.result(timeout_s)
                 self._trace("status read")
             except Exception as exc:
                 batch.status_error = str(exc)
@@ -739,12 +772,12 @@ class ExpertWeights:
                 done[i] = work.stats(seconds, transfer)
         return stop
 
-    def _abandon(self, batch: _Group, timeout_s: float | None) -> None:
+    def _abandon(self, batch: _Group, timeout_s: float | None, comm: _Comm) -> None:
         """A group posted (on every rank) after an earlier one failed in stop mode: let its
         transfers finish, never commit it."""
         try:
             if batch.error is None:
-                _Comm.wait(batch.handles, timeout_s)
+                comm.wait(batch.handles, timeout_s)
         except Exception:
             pass
         self._staging[batch.buffer] = None
@@ -833,11 +866,6 @@ class ExpertWeights:
             )
         entries = self._entries(layer)
         device = entries[0].tensor.device
-        committed = self._committed.get(layer)
-        if device.type == "cuda" and committed is not None:
-            # This layer's previous commit may still run on the copy stream: what we stage and
-            # send below must read its result.
-            torch.cuda.current_stream(device).wait_event(committed)
         recv_from: dict[int, list[Any]] = {}
         for t in transfers.receives(rank):  # plan order within each source
             recv_from.setdefault(t.src_rank, []).append(t)
@@ -869,12 +897,24 @@ class _Status:
                  tensor: torch.Tensor | None = None, event: Any = None) -> None:
         self._values, self._work, self._tensor, self._event = values, work, tensor, event
 
-    def result(self) -> list[int]:
+    def result(self, timeout_s: float | None = None) -> list[int]:
+        """The reduced values; with ``timeout_s``, raise ``TimeoutError`` if a device result
+        is not there within that many seconds."""
         if self._values is None:
             if self._work is not None:
                 self._work.wait()
             if self._event is not None:
-                self._event.synchronize()
+                if timeout_s is None:
+                    self._event.synchronize()
+                else:
+                    deadline = time.perf_counter() + timeout_s
+                    while not self._event.query():
+                        if time.perf_counter() > deadline:
+                            raise TimeoutError(
+                                f"the transfers and status all-reduce did not complete within "
+                                f"{timeout_s:g} s"
+                            )
+                        time.sleep(0)
             assert self._tensor is not None
             self._values = [int(v) for v in self._tensor.tolist()]
             self._tensor = None  # the buffer may be reused now
@@ -966,10 +1006,14 @@ class _Comm:
             return []
         return list(dist.batch_isend_irecv(ops))
 
-    @staticmethod
-    def wait(handles: list[Any], timeout_s: float | None) -> None:
+    def wait(self, handles: list[Any], timeout_s: float | None) -> None:
+        """Wait for P2P ``handles``. On gloo the host waits, up to ``timeout_s``. On NCCL the
+        current stream is ordered after them and the host does not wait: NCCL's
+        ``Work.wait(timeout)`` would block the host until the transfers end, which serializes
+        the groups in flight; the bound is applied where the host does wait, on the status
+        all-reduce queued after these transfers (:meth:`_Status.result`)."""
         for handle in handles:
-            if timeout_s is None:
+            if timeout_s is None or self.nccl:
                 handle.wait()
             else:
                 handle.wait(datetime.timedelta(seconds=timeout_s))
@@ -1037,33 +1081,37 @@ class _LayerWork:
         """Bytes of a block of ``n`` experts (a multiple of the alignment)."""
         return sum(_align(n * e.row_bytes) for e in self.entries)
 
-    def _at(self, offset: int, n: int, k: int, first: int) -> int:
-        """Byte offset in the staging buffer of row ``first`` of tensor ``k`` in the
-        ``n``-expert block at ``offset``."""
-        start = offset + sum(_align(n * e.row_bytes) for e in self.entries[:k])
-        return start + first * self.entries[k].row_bytes
+    def _starts(self, n: int) -> list[int]:
+        """Offset of each tensor's rows inside an ``n``-expert block."""
+        out, at = [], 0
+        for e in self.entries:
+            out.append(at)
+            at += _align(n * e.row_bytes)
+        return out
 
     def _into_block(self, out: list[CopyRange], offset: int, n: int,
                     pairs: Iterable[tuple[int, int]]) -> None:
         """Queue ``(local slot, block row)`` copies from the weights into the ``n``-expert
         block at ``offset``: one range per tensor per span."""
         assert self.staging is not None
+        starts = self._starts(n)
         for slot, row, count in _spans(pairs):
-            for k, entry in enumerate(self.entries):
+            for start, entry in zip(starts, self.entries, strict=True):
                 size = entry.row_bytes
-                out.append((self.staging, self._at(offset, n, k, row),
+                out.append((self.staging, offset + start + row * size,
                             entry.flat, slot * size, count * size))
 
     def _from_block(self, out: list[CopyRange], offset: int, n: int,
                     pairs: Iterable[tuple[int, int]]) -> None:
         """Queue ``(block row, local slot)`` copies from the ``n``-expert block at ``offset``
         into the weights: one range per tensor per span."""
+        starts = self._starts(n)
         for row, slot, count in _spans(pairs):
             assert self.staging is not None  # a block with rows has a staging buffer
-            for k, entry in enumerate(self.entries):
+            for start, entry in zip(starts, self.entries, strict=True):
                 size = entry.row_bytes
                 out.append((entry.flat, slot * size, self.staging,
-                            self._at(offset, n, k, row), count * size))
+                            offset + start + row * size, count * size))
 
     def stage(self, out: list[CopyRange]) -> None:
         """Queue copies of the sources of local copies that this layer overwrites into its
