@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import queue
 import socket
@@ -38,6 +37,7 @@ import grpc
 import numpy as np
 import pytest
 
+from eplb_engine.service import http_json
 from eplb_proto.v1 import eplb_pb2, eplb_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -400,29 +400,11 @@ def raw_agent() -> Iterator[Callable[..., RawAgent]]:
         agent.close()
 
 
-def http_json(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
-    """A tiny JSON HTTP client on urllib (status, parsed body) — no extra dependency."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        status = exc.code
-    try:
-        return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return status, raw.decode(errors="replace")
-
-
 @pytest.fixture
 def http() -> Callable[..., tuple[int, Any]]:
-    """``http(method, url, body=None)`` -> (status, JSON body)."""
-    return http_json
+    """``http(method, url, body=None)`` -> (status, JSON body); ``(0, reason)`` when the server
+    cannot be reached (the engine's own client, ``eplb_engine.service.http_json``)."""
+    return lambda method, url, body=None: http_json(method, url, body, timeout_s=10.0)
 
 
 # ------------------------------------------------------------------------------------------
