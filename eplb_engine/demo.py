@@ -252,6 +252,7 @@ def summarize(run: EngineRun, ranks: int, service: dict[str, Any] | None = None)
         "bytes_moved": sum(s["stats"]["bytes_moved"] for s in applied if s["stats"]),
         "transfers": sum(s["stats"]["transfers"] for s in applied if s["stats"]),
         "local_copies": sum(s["stats"]["local_copies"] for s in applied if s["stats"]),
+        "slots_written": sum(s["stats"]["slots_written"] for s in applied if s["stats"]),
         "versions": sorted({s.version for s in steps}),
         "steps": len(steps),
         "ranks": ranks,
@@ -293,9 +294,10 @@ def print_summary(summary: dict[str, Any], urls: dict[str, str], cfg: DemoConfig
         f"  rebalances       {s['rebalances']} applied, {s['rebalances_failed']} failed; versions "
         f"{' -> '.join(str(v) for v in s['versions'])}; service rollouts: "
         f"{', '.join(states) or 'none'}",
-        f"  experts moved    {s.get('experts_moved', '?')} slots changed: {s['transfers']} "
-        f"experts received over the network ({_mb(s['bytes_moved'])}; the service counted "
-        f"{_mb(service.get('bytes_moved', 0))}), {s['local_copies']} copied within a rank",
+        f"  experts moved    {s.get('experts_moved', '?')} slots changed (service); the ranks "
+        f"wrote {s['slots_written']} slots: {s['transfers']} experts received over the network "
+        f"({_mb(s['bytes_moved'])}; the service counted {_mb(service.get('bytes_moved', 0))}) "
+        f"and {s['local_copies']} copied within a rank",
         f"  longest pause    {s['longest_pause_ms']:.1f} ms in one step ({cfg.layers_per_step} "
         f"layer(s) per step)",
         f"  outputs          max relative error vs dense {s['max_output_rel_error']:.2e} over "

@@ -83,6 +83,8 @@ def test_demo_json_balances_exactly_and_exits_clean() -> None:
     assert result["outputs_checked"] == result["steps"] == 140
     assert result["bytes_moved"] > 0 and result["longest_pause_ms"] > 0
     assert result["bytes_moved"] == result["service"]["bytes_moved"]
+    # every slot the service changed was written on some rank, and nothing else
+    assert result["slots_written"] == result["experts_moved"] > 0, result
     assert "step" in stderr and "summary" in stderr  # live progress and summary on stderr
     assert_no_strays(tag)
     assert port_closed(result["rest_url"])

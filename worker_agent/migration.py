@@ -192,6 +192,10 @@ class MigrationReport:
         return sum(s.local_copies for s in self.applied)
 
     @property
+    def slots_written(self) -> int:
+        return sum(s.slots_written for s in self.applied)
+
+    @property
     def seconds(self) -> float:
         return sum(s.seconds for s in self.applied)
 
@@ -1215,7 +1219,8 @@ class RolloutMigrationStats:
     Attributes:
         bytes_moved: network bytes this rank received.
         transfers: experts this rank received over the network.
-        local_copies: experts this rank copied internally.
+        local_copies: experts this rank copied internally (one copy may fill several slots).
+        slots_written: this rank's slots that now hold another expert (received or copied).
         total_pause_ms: migration time summed over the steps it took.
         max_layer_ms: the slowest layer.
         max_step_pause_ms: the longest migration pause of one forward step.
@@ -1226,6 +1231,7 @@ class RolloutMigrationStats:
     bytes_moved: int = 0
     transfers: int = 0
     local_copies: int = 0
+    slots_written: int = 0
     total_pause_ms: float = 0.0
     max_layer_ms: float = 0.0
     max_step_pause_ms: float = 0.0
@@ -1365,6 +1371,7 @@ class MigratingSwitcher:
             bytes_moved=s.bytes_moved + report.bytes_received,
             transfers=s.transfers + report.transfers_received,
             local_copies=s.local_copies + report.local_copies,
+            slots_written=s.slots_written + report.slots_written,
             total_pause_ms=s.total_pause_ms + report.wall_seconds * 1e3,
             max_layer_ms=max(s.max_layer_ms, report.max_layer_seconds * 1e3),
             max_step_pause_ms=max(s.max_step_pause_ms, report.wall_seconds * 1e3),

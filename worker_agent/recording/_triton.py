@@ -168,8 +168,8 @@ def launch_config(n: int, num_sms: int) -> LaunchConfig:
       program per SM, since the REDs of all programs funnel into the ``P`` counters of one layer
       (18 cache lines at P=288) and their number grows with the programs; blocks of 128 pairs at
       least (at 512 tokens 128 pairs / 4 warps, half a program per SM, beat 64 / 2 by
-      0.04-0.07 us in every one of 16 sweeps), and one or two pairs per thread (more warps hide the ballot/popcount latency)
-      until the blocks reach 512 pairs, then 16 warps.
+      0.04-0.07 us in every one of 16 sweeps), and one or two pairs per thread (more warps
+      hide the ballot/popcount latency) until the blocks reach 512 pairs, then 16 warps.
     """
     if n <= 256:
         return LaunchConfig(32, 1, COUNT_DIRECT, _EAGER)
