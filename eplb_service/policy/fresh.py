@@ -33,6 +33,7 @@ __all__ = [
     "LEVEL_FACTORS",
     "POOR",
     "count_rows",
+    "count_vectors",
     "exact_pairs",
     "greedy_pack",
     "item_loads",
@@ -127,6 +128,14 @@ def _count_vectors(num_slots: int, num_experts: int) -> I64:
     counts = np.diff(cuts, prepend=0, append=num_slots, axis=1)
     counts.setflags(write=False)
     return counts
+
+
+def count_vectors(num_slots: int, num_experts: int) -> tuple[I64, I64] | None:
+    """Every count vector ``[C, n]`` and the expert of each replica ``[C, P]`` (ascending ids),
+    or None when there are more than ``EXACT_PAIRS_LIMIT``."""
+    if math.comb(num_slots - 1, num_experts - 1) > EXACT_PAIRS_LIMIT:
+        return None
+    return _count_vectors(num_slots, num_experts), _count_experts(num_slots, num_experts)
 
 
 @lru_cache(maxsize=8)

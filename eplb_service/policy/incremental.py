@@ -17,7 +17,10 @@ For the other rows, three attempts, each taken only by rows the previous one lef
 
 With two slots per rank, rows first try the fresh plan's counts with
 :func:`~eplb_service.policy.pairs.repair_pairs` (re-pair few ranks, about one rewrite each,
-partners kept within the fresh plan's envelope); only rows it cannot repair take 1-3.
+partners kept within the fresh plan's envelope); only rows it cannot repair take 1-3. With
+few enough count vectors (``fresh.EXACT_PAIRS_LIMIT``: Mixtral's 8 experts on 16 slots), rows
+before that take the exact fewest-rewrites arrangement within the goal
+(:func:`~eplb_service.policy.pairs.fewest_rewrites`).
 
 Costs of writing an expert into a slot (:class:`~eplb_service.policy.packing.SwapCosts`): a
 copy inside the GPU < a copy from a GPU of the same node < a copy across nodes.
@@ -32,9 +35,9 @@ import numpy as np
 import numpy.typing as npt
 
 from eplb_service.policy.assignment import max_assignment
-from eplb_service.policy.fresh import count_rows, item_loads
+from eplb_service.policy.fresh import count_rows, count_vectors, item_loads
 from eplb_service.policy.packing import SwapCosts, SwapLog, held_counts, refine_swaps
-from eplb_service.policy.pairs import PairLimits, repair_pairs
+from eplb_service.policy.pairs import PairLimits, fewest_rewrites, repair_pairs
 from eplb_service.policy.replication import adjust_counts, water_fill
 
 F64 = npt.NDArray[np.float64]
@@ -49,6 +52,10 @@ SEARCH_LANES = 1
 OPTIMAL_MATCH_RANKS = 64
 # replan tries the lower bound's goal before any fresh plan from this many slots per rank.
 STAND_IN_MIN_SLOTS = 8
+# Exact two-slots-per-rank rows also offer moves toward goal + f * (peak in service - goal).
+PARTIAL = (0.1,)
+# ... each the best of this many count vectors (in order of the slots they could keep).
+PARTIAL_TRIES = 2
 
 __all__ = [
     "FreshFn", "Paths", "align_slots", "align_to", "materialize", "rank_overlap", "replan",
@@ -58,14 +65,18 @@ __all__ = [
 class Paths:
     """Per row, the moves from the arrangement in service toward the goal, and their effect.
 
-    Point ``k`` of a row: ``k = 0`` is the arrangement in service, ``k = 1`` the staged one (the
-    replica counts changed, or the aligned fresh plan for rows that fell back to it), ``k = 1 + j``
-    the staged one after the row's first ``j`` swaps. :func:`materialize` builds any choice of
-    points; every point with ``k >= min_point`` is a valid arrangement of the row.
+    Point ``k`` of a row: ``k = 0`` is the arrangement in service, ``k = 1 .. Q`` partial
+    moves (``options``; Q = 0 except for the exact two-slots-per-rank rows, see
+    :data:`PARTIAL`, and copies of the staged arrangement in rows without them), ``k = Q + 1``
+    the staged one (the replica counts changed, or the aligned fresh plan for rows that fell
+    back to it), ``k = Q + 1 + j`` the staged one after the row's first ``j`` swaps.
+    :func:`materialize` builds any choice of points; every point with ``k >= min_point`` is a
+    valid arrangement of the row.
 
     Attributes:
         current: [X, R, S], the arrangement in service (-1: a slot that must change)
         staged: [X, R, S]
+        options: [X, Q, R, S], the arrangements of points ``1 .. Q``
         swap_row, swap_a, swap_b: [M], the swaps in order (slots ``r * S + s``)
         changed: [X, K], slots differing from ``current`` at each point (padded with the last)
         arrivals: [X, K], (rank, expert) pairs held at each point but not in ``current``
@@ -77,6 +88,7 @@ class Paths:
 
     current: I64
     staged: I64
+    options: I64
     swap_row: I64
     swap_a: I64
     swap_b: I64
@@ -91,7 +103,10 @@ class Paths:
 def materialize(paths: Paths, point: I64) -> I64:
     """``[X]`` chosen points -> ``[X, R, S]`` arrangements."""
     num_rows = point.shape[0]
+    num_options = paths.options.shape[1]
     out = np.where((point >= 1)[:, None, None], paths.staged, paths.current)
+    partial = np.flatnonzero((point >= 1) & (point <= num_options))
+    out[partial] = paths.options[partial, point[partial] - 1]
     flat = out.reshape(num_rows, -1)
     # j-th swap of its row: rank of each log entry among its row's entries.
     order = np.argsort(paths.swap_row, kind="stable")
@@ -99,7 +114,7 @@ def materialize(paths: Paths, point: I64) -> I64:
     starts = np.searchsorted(row_sorted, np.arange(num_rows))
     index = np.empty_like(order)
     index[order] = np.arange(order.size) - starts[row_sorted]
-    take = np.flatnonzero(index < point[paths.swap_row] - 1)
+    take = np.flatnonzero(index < point[paths.swap_row] - 1 - num_options)
     # The j-th swaps of all rows at once (one per row), j in order: a row's swaps stay in
     # sequence.
     j_of = index[take]
@@ -390,6 +405,8 @@ def replan(
     staged_peak = peak0.copy()
     logs: list[tuple[I64, SwapLog]] = []
     met = ~must_fix & (peak0 <= goal * (1 + 1e-9))
+    small = count_vectors(num_slots, n) if per_rank == 2 else None
+    options = np.full((num_rows, 0 if small is None else len(PARTIAL), num_ranks, per_rank), -2)
 
     def attempt(rows: I64, counts: I64,
                 limits: PairLimits | None = None) -> tuple[I64, SwapLog, F64]:
@@ -431,6 +448,29 @@ def replan(
         met[todo] = ~must_fix[todo] & (peak0[todo] <= goal[todo] * (1 + 1e-9))
         busy = must_fix[todo] | (peak0[todo] > goal[todo] * (1 + 1e-9))
         todo, fresh_item, fresh_peak = todo[busy], fresh_item[busy], fresh_peak[busy]
+    if todo.size and small is not None:
+        # Two slots per rank and few count vectors (Mixtral): the arrangement within the goal
+        # that rewrites the fewest slots, over every count vector (exact; the repair below
+        # rewrote ~20% more, measured on Mixtral drift).
+        got, ok = fewest_rewrites(weight[todo], current[todo], PairLimits.plain(goal[todo]),
+                                  *small)
+        rows = todo[ok]
+        counts = count_rows(got[ok], n)
+        peaks = _slot_loads(weight[rows] / counts, got[ok]).sum(axis=2).max(axis=1)
+        none = np.zeros(0, dtype=np.int64)
+        later = accept(rows, counts, got[ok], SwapLog(none, none, none, np.zeros(0), none, none),
+                       peaks)
+        keep = ~ok | np.isin(todo, later)
+        # Partial moves toward looser goals: rows far above their goal can buy part of the
+        # way, leaving the rest to rows where it costs fewer rewrites (choose_points).
+        done = todo[~keep]
+        for q, f in enumerate(PARTIAL):
+            looser = goal[done] + f * np.maximum(peak0[done] - goal[done], 0.0)
+            part, part_ok = fewest_rewrites(weight[done], current[done],
+                                            PairLimits.plain(looser), *small, staged[done],
+                                            max_tries=PARTIAL_TRIES)
+            options[done[part_ok], q] = part[part_ok]
+        todo, fresh_item, fresh_peak = todo[keep], fresh_item[keep], fresh_peak[keep]
     if todo.size and per_rank == 2:
         # Two slots per rank: re-pair ranks toward the fresh plan's counts and partner
         # envelope (a count change costs one rewrite here, and hysteresis counts left the
@@ -456,12 +496,14 @@ def replan(
                 staged[final] = align_to(fresh_item[idx], current[final])
                 staged_peak[final] = fresh_peak[idx]
                 met[final] = True
-    paths = _assemble(weight, current, staged, staged_peak, logs, peak0, must_fix, met, costs)
+    options = np.where(options[:, :, :1, :1] == -2, staged[:, None], options)
+    paths = _assemble(weight, current, staged, staged_peak, options, logs, peak0, must_fix, met,
+                      costs)
     return paths, goal
 
 
 def _assemble(
-    weight: F64, current: I64, staged: I64, staged_peak: F64,
+    weight: F64, current: I64, staged: I64, staged_peak: F64, options: I64,
     logs: list[tuple[I64, SwapLog]], peak0: F64, must_fix: B8, met: B8, costs: SwapCosts,
 ) -> Paths:
     """Collects the attempts' logs into padded per-row point arrays."""
@@ -475,12 +517,13 @@ def _assemble(
     slot_a, slot_b = cat("slot_a").astype(np.int64), cat("slot_b").astype(np.int64)
     peak, changed, arrivals = cat("peak"), cat("changed"), cat("arrivals")
     moves = np.bincount(rows, minlength=num_rows)
-    width = 2 + int(moves.max(initial=0))
+    num_options = options.shape[1]
+    width = 2 + num_options + int(moves.max(initial=0))
     order = np.argsort(rows, kind="stable")
     starts = np.concatenate([[0], np.cumsum(moves)])
     index = np.empty_like(order)
     index[order] = np.arange(order.size) - starts[rows[order]]
-    col = 2 + index
+    col = 2 + num_options + index
 
     staged_changed = (staged != current).reshape(num_rows, -1).sum(axis=1)
     staged_arrivals = ((held_counts(staged, n)[:, :, :n] > 0) & ~costs.held).sum(axis=(1, 2))
@@ -491,10 +534,21 @@ def _assemble(
     out_changed[:, 1:] = staged_changed[:, None]
     out_arrivals[:, 1:] = staged_arrivals[:, None]
     out_peak[:, 1:] = staged_peak[:, None]
+    if num_options:
+        item = options.reshape(num_rows * num_options, *current.shape[1:])
+        counts = count_rows(item, n)
+        per = np.repeat(weight, num_options, axis=0) / np.maximum(counts, 1)
+        held = held_counts(item, n)[:, :, :n] > 0
+        new = held.reshape(num_rows, num_options, -1) & ~costs.held.reshape(num_rows, 1, -1)
+        span = slice(1, 1 + num_options)
+        out_changed[:, span] = (item.reshape(num_rows, num_options, -1)
+                                != current.reshape(num_rows, 1, -1)).sum(axis=2)
+        out_arrivals[:, span] = new.sum(axis=2)
+        out_peak[:, span] = _slot_loads(per, item).sum(axis=2).max(axis=1).reshape(num_rows, -1)
     out_changed[rows, col] = changed
     out_arrivals[rows, col] = arrivals
     out_peak[rows, col] = peak
-    points = 2 + moves
+    points = 2 + num_options + moves
     # Pad each row with its last point.
     pad = np.arange(width)[None, :] >= points[:, None]
     last = points - 1
@@ -503,7 +557,7 @@ def _assemble(
     out_arrivals = np.where(pad, out_arrivals[r_idx, last][:, None], out_arrivals)
     out_peak = np.where(pad, out_peak[r_idx, last][:, None], out_peak)
     return Paths(
-        current=current, staged=staged, swap_row=rows, swap_a=slot_a, swap_b=slot_b,
-        changed=out_changed, arrivals=out_arrivals, peak=out_peak, points=points,
+        current=current, staged=staged, options=options, swap_row=rows, swap_a=slot_a,
+        swap_b=slot_b, changed=out_changed, arrivals=out_arrivals, peak=out_peak, points=points,
         min_point=must_fix.astype(np.int64), goal_met=met,
     )

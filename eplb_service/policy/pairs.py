@@ -11,7 +11,12 @@ rank of ``C``. So the repair is about choosing a small ``C``:
 1. ranks that must change: a slot freed by a replica-count decrease (surplus replicas leave
    the most loaded ranks) or holding nothing valid, and ranks whose pair breaks the limit;
 2. helpers: unbroken ranks added one at a time, each the one leaving the least shortage of
-   small partners, until the replicas of ``C`` can be paired within the limit.
+   small partners, until the replicas of ``C`` meet Hall's condition (below); then, since no
+   pair may hold one expert twice, more helpers until :func:`pair_items` pairs them.
+
+The repair is complete: it fails only when no arrangement of the row with the requested
+counts pairs within the limit without an expert twice on a rank (once every rank is in ``C``
+its replicas are the whole row's, and :func:`pair_items` is exact).
 
 The limit (:class:`PairLimits`) on a pair of replica loads ``a >= b``: ``a + b <= goal``, and,
 from the fresh plan, ``b <= envelope(a) + slack + SLOPE * (a_max - a)`` where ``envelope(a)``
@@ -27,7 +32,13 @@ is a threshold graph: a replica is *big* when it does not fit with a copy of its
 never fit together, a big ``a`` fits with any ``b <= room(a)``, and any two smalls fit. A
 pairing exists iff at every big's room ``t`` the bigs with room <= t do not outnumber the
 smalls <= t (Hall's condition on nested neighbourhoods), and then outside-in (largest with
-smallest) is one.
+smallest) is one. That ignores duplicates: two replicas of one expert may be left with only
+each other (:func:`pair_items` handles it exactly).
+
+With few replica count vectors (Mixtral: 8 experts on 16 slots, 6,435 of them),
+:func:`fewest_rewrites` replaces the greedy choice of ``C`` and the fixed counts by an exact
+search: over every count vector, the arrangement within the goal that keeps the most slots
+(an expert may then sit twice on a rank, as in the fresh plan there).
 
 Rows ``X`` (layers, or (layer, node) pairs); arrangements ``[X, R, 2]`` of expert ids, ``-1``
 marking a slot that must be rewritten.
@@ -47,7 +58,7 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 B8 = npt.NDArray[np.bool_]
 
-__all__ = ["SLACK", "SLOPE", "PairLimits", "repair_pairs"]
+__all__ = ["SLACK", "SLOPE", "PairLimits", "fewest_rewrites", "pair_items", "repair_pairs"]
 
 # Share of the row's allowance above the fresh plan's peak (goal - fresh peak) that a partner
 # may exceed the fresh plan's envelope by.
@@ -133,8 +144,10 @@ def repair_pairs(
         limits: what a pair may carry, per row
 
     Returns:
-        item: [X, R, 2], holding exactly ``counts`` where ``ok`` (``current`` elsewhere)
-        ok: [X], whether the row was repaired within its limits
+        item: [X, R, 2], holding exactly ``counts`` where ``ok`` (``current`` elsewhere); a
+            re-paired rank never holds an expert twice (a kept rank may, as in ``current``)
+        ok: [X], whether the row was repaired within its limits: False only when no
+            arrangement of ``counts`` pairs within them without an expert twice on a rank
     """
     num_rows, _, per_rank = current.shape
     if per_rank != 2:
@@ -198,36 +211,131 @@ def _repair_row(w: F64, cur: I64, counts: I64, limit: _Limit) -> I64 | None:
         vals = per[items]
         broken[used] = True
 
-    # Outside-in pairing (largest with smallest).
-    order = np.lexsort((items, -vals))
-    m = order.size
-    paired = _no_duplicates(items, vals, order[: m // 2], order[::-1][: m // 2], limit)
-    if paired is None:
-        return None
+    # Hall's condition ignores that no pair may hold one expert twice: while that leaves no
+    # pairing, add the helper that leaves the least shortfall (with every rank re-paired, the
+    # replicas are the whole row's, so a row any pairing repairs is repaired).
+    while (paired := pair_items(items, vals, limit)) is None:
+        cand = np.flatnonzero(~broken)
+        if cand.size == 0:
+            return None
+        score = [
+            _shortfall(np.append(items, flat[2 * r : 2 * r + 2]),
+                       np.append(vals, pair_val[r]), limit)
+            for r in cand
+        ]
+        pick = int(cand[np.lexsort((hi[cand] + lo[cand], score))[0]])
+        items = np.append(items, flat[2 * pick : 2 * pick + 2])
+        origin = np.append(origin, [2 * pick, 2 * pick + 1])
+        vals = per[items]
+        broken[pick] = True
     out = cur.copy()
     _hand_out(out, np.flatnonzero(broken), items, origin, *paired)
     return out
 
 
-def _no_duplicates(
-    items: I64, vals: F64, first: I64, second: I64, limit: _Limit
-) -> tuple[I64, I64] | None:
-    """Pairs (``first[i]``, ``second[i]``) with the same expert trade partners with another
-    pair when both stay within ``limit``; None when one cannot."""
-    first, second = first.copy(), second.copy()
-    for i in np.flatnonzero(items[first] == items[second]):
-        if items[first[i]] != items[second[i]]:
-            continue  # fixed by an earlier trade
-        for j in sorted(range(first.size), key=lambda j: abs(j - i)):
-            a, b, c, d = first[i], second[i], first[j], second[j]
-            if (len({items[a], items[d]}) == 2 and len({items[c], items[b]}) == 2
-                    and limit.fits(max(vals[a], vals[d]), min(vals[a], vals[d]))
-                    and limit.fits(max(vals[c], vals[b]), min(vals[c], vals[b]))):
-                second[i], second[j] = d, b
-                break
-        else:
-            return None
-    return first, second
+def pair_items(items: I64, vals: F64, limit: _Limit) -> tuple[I64, I64] | None:
+    """Pairs all replicas within ``limit``, never one expert twice in a pair; None iff no such
+    pairing exists.
+
+    Bigs fit only with smalls (and share no expert with one: an expert's replicas have one
+    load), any two smalls fit. So a pairing matches the bigs into the smalls (nested
+    neighbourhoods: the largest big takes the smallest small), and the smalls left over pair
+    among themselves iff no expert holds more than half of them. A small expert with ``n_e``
+    replicas must hence give the bigs at least ``n_e - left / 2`` of them (``left`` = smalls
+    less bigs); those plus the smallest other smalls are the best the bigs can get (exchange
+    argument). Without duplicates this is outside-in pairing (largest with smallest).
+
+    Parameters:
+        items: [m], expert of each replica (m even)
+        vals: [m], its load
+
+    Returns:
+        (first, second): [m / 2] each, indices into ``items`` of each pair's replicas
+    """
+    order = np.lexsort((items, -vals))
+    half = order.size // 2
+    first, second = order[:half], order[::-1][:half]
+    if (items[first] != items[second]).all() and limit.fits(vals[first], vals[second]).all():
+        return first, second
+    split = _big_partners(items, vals, limit)
+    if split is None:
+        return None
+    bigs, partners, left = split
+    a, b = _pair_smalls(items, vals, left)
+    return np.concatenate([bigs, a]), np.concatenate([partners, b])
+
+
+def _demand(items: I64, num_left: int) -> B8:
+    """``[m]`` smalls ascending by load -> whether each must go to a big: the first
+    ``n_e - num_left / 2`` replicas of each expert ``e`` (``n_e`` of them in ``items``)."""
+    _, inverse, count = np.unique(items, return_inverse=True, return_counts=True)
+    grouped = np.argsort(inverse, kind="stable")
+    rank_in = np.empty(items.size, dtype=np.int64)
+    rank_in[grouped] = np.arange(items.size) - np.repeat(np.cumsum(count) - count, count)
+    return rank_in < (count - num_left // 2)[inverse]
+
+
+def _big_partners(items: I64, vals: F64, limit: _Limit) -> tuple[I64, I64, I64] | None:
+    """Bigs ``[B]`` (descending), the small each takes ``[B]`` and the smalls left
+    ``[m - 2B]`` (indices into ``items``), or None when no pairing exists (see
+    :func:`pair_items`)."""
+    big = limit.big(vals)
+    smalls = np.flatnonzero(~big)
+    smalls = smalls[np.lexsort((items[smalls], vals[smalls]))]  # ascending
+    bigs = np.flatnonzero(big)
+    bigs = bigs[np.lexsort((items[bigs], -vals[bigs]))]  # descending: rooms ascending
+    num_left = smalls.size - bigs.size
+    if num_left < 0:
+        return None
+    forced = _demand(items[smalls], num_left)
+    spare = bigs.size - int(forced.sum())
+    if spare < 0:
+        return None
+    take = forced.copy()
+    take[np.flatnonzero(~forced)[:spare]] = True
+    partners = smalls[take]
+    if not limit.fits(vals[bigs], vals[partners]).all():
+        return None
+    return bigs, partners, smalls[~take]
+
+
+def _pair_smalls(items: I64, vals: F64, left: I64) -> tuple[I64, I64]:
+    """Pairs the smalls ``left`` (no expert holding more than half of them) outside-in,
+    except that a replica of an expert holding exactly half of those remaining is taken
+    first (else it would end up paired with itself)."""
+    rest = [int(k) for k in left[np.lexsort((items[left], -vals[left]))]]  # descending
+    first: list[int] = []
+    second: list[int] = []
+    while rest:
+        x = rest.pop(0)
+        expert, count = np.unique(items[[x, *rest]], return_counts=True)
+        tight = expert[(2 * count == len(rest) + 1) & (expert != items[x])]
+        want = tight[0] if tight.size else -1
+        y = next(k for k in reversed(rest)
+                 if (items[k] == want if want >= 0 else items[k] != items[x]))
+        rest.remove(y)
+        first.append(x)
+        second.append(y)
+    return np.array(first, dtype=np.int64), np.array(second, dtype=np.int64)
+
+
+def _shortfall(items: I64, vals: F64, limit: _Limit) -> int:
+    """How far replicas are from having a pairing (0 iff :func:`pair_items` finds one): bigs
+    without a small, else forced smalls beyond the bigs, else bigs above their partner's
+    room in the nested matching, each tier above the next."""
+    big = limit.big(vals)
+    num_left = int((~big).sum() - big.sum())
+    if num_left < 0:
+        return 4 * vals.size - num_left
+    smalls = np.flatnonzero(~big)
+    smalls = smalls[np.lexsort((items[smalls], vals[smalls]))]
+    excess = int(_demand(items[smalls], num_left).sum() - big.sum())
+    if excess > 0:
+        return 2 * vals.size + excess
+    if _big_partners(items, vals, limit) is not None:
+        return 0
+    rooms = np.sort(limit.room(vals[big]))
+    return 1 + int(np.maximum(_shortage(rooms, np.sort(vals[smalls]), rooms), 0).sum())
 
 
 def _hand_out(
@@ -362,3 +470,201 @@ def _helpers(vals: F64, hi: F64, lo: F64, broken: B8, limit: _Limit) -> I64 | No
         small = np.sort(np.append(small, lo[pick]))
         keep = np.arange(cand.size) != pick
         cand, hi, lo, big, hi_room = cand[keep], hi[keep], lo[keep], big[keep], hi_room[keep]
+
+
+def fewest_rewrites(
+    weight: F64, current: I64, limits: PairLimits, counts: I64, experts: I64,
+    known: I64 | None = None, max_tries: float = np.inf,
+) -> tuple[I64, B8]:
+    """The arrangements within their rows' limits that rewrite the fewest slots of ``current``,
+    over every replica count vector: exact, for small rows (Mixtral: 6,435 count vectors).
+
+    Per count vector, the replica loads are fixed and a pairing within the limit exists iff
+    outside-in pairing is one (nested neighbourhoods; an expert may sit twice on a rank, as in
+    the fresh plan's :func:`~eplb_service.policy.fresh.exact_pairs`). Candidates go in
+    decreasing order of an upper bound on the slots they could keep (:func:`_kept_bound`),
+    each solved exactly by dynamic programming over ranks (:func:`_max_kept`), until the bound
+    cannot beat the best found. Within a count vector, among equally few rewrites the smallest
+    sum of squared rank loads wins (so the plan stays as even as it can); across count
+    vectors, the first found.
+
+    Parameters:
+        weight: [X, n], loads
+        current: [X, R, 2], experts in service (< 0: must be rewritten)
+        limits: what a pair may carry, per row
+        counts: [V, n], every count vector (>= 1, summing to 2 R)
+        experts: [V, 2 R], the expert of each replica of each count vector
+        known: [X, R, 2], optional arrangements within the limits (every expert placed): the
+            search only looks for better ones (what it returns where none is)
+        max_tries: most count vectors solved per row once one arrangement is known (the
+            result is then the best found, not necessarily the fewest)
+
+    Returns:
+        item: [X, R, 2], the arrangement where ``ok`` (``current`` elsewhere)
+        ok: [X], whether some arrangement is within the row's limits
+    """
+    num_rows, num_ranks, _ = current.shape
+    out = current.copy()
+    ok = np.zeros(num_rows, dtype=bool)
+    per = weight[:, :, None] / np.ascontiguousarray(counts.T)[None]  # [X, n, V]: fast over n
+    # The largest replica must fit with the smallest: a cheap first cut (rooms per row).
+    top, bottom = per.max(axis=1), per.min(axis=1)  # [X, V]
+    first = np.stack([limits.row(x).fits(top[x], bottom[x] * (1 - 1e-12))
+                      for x in range(num_rows)])
+    row_of, cand = np.nonzero(first)
+    replica = np.sort(np.take_along_axis(per[row_of, :, cand], experts[cand], axis=1), axis=1)
+    for x in range(num_rows):
+        mine = np.flatnonzero(row_of == x)  # ascending by count vector
+        limit = limits.row(x)
+        small = replica[mine]  # [v, 2R] ascending
+        fits = limit.fits(small[:, ::-1][:, :num_ranks], small[:, :num_ranks] * (1 - 1e-12))
+        keep = fits.all(axis=1)
+        start = None if known is None else known[x]
+        got = _fewest_row(weight[x], current[x], limit, counts, cand[mine[keep]],
+                          small[keep, 0], start, max_tries)
+        if got is not None:
+            out[x] = got
+            ok[x] = True
+    return out, ok
+
+
+def _fewest_row(
+    w: F64, cur: I64, limit: _Limit, counts: I64, cand: I64, smallest: F64,
+    start: I64 | None, max_tries: float,
+) -> I64 | None:
+    """One row of :func:`fewest_rewrites` over the count vectors ``cand`` that pair within
+    the limit (smallest replica ``smallest``): ``[R, 2]``, or None when there are none."""
+    num_ranks = cur.shape[0]
+    if cand.size == 0:
+        return None
+    per = w[None, :] / counts[cand]  # [v, n]
+    bound = _kept_bound(per, smallest, counts[cand], cur, limit)
+    order = np.argsort(-bound, kind="stable")
+    # Rank loads are within the goal, so the tie-break costs < 0.4 slots in all.
+    scale = 0.4 / (num_ranks * max(float(limit.goal), 1e-300) ** 2)
+    best: tuple[float, I64] | None = None
+    if start is not None:
+        load = (w / np.bincount(start.ravel(), minlength=w.size))[start].sum(axis=1)  # [R]
+        best = (float(2 * num_ranks - (start != cur).sum()) - scale * float((load**2).sum()),
+                start)
+    for tries, (v, most) in enumerate(zip(order, bound[order], strict=True)):
+        if best is not None and (most <= best[0] + 0.5 or tries >= max_tries):
+            break  # not more slots kept (ties keep the first found), or out of tries
+        got = _max_kept(counts[cand[v]], per[v], cur, limit, scale)
+        if got is not None and (best is None or got[0] > best[0]):
+            best = got
+    return None if best is None else best[1]
+
+
+def _kept_bound(per: F64, smallest: F64, counts: I64, cur: I64, limit: _Limit) -> I64:
+    """``[V]`` most slots of ``cur [R, 2]`` an arrangement with ``counts [V, n]`` replicas of
+    loads ``per [V, n]`` keeps within ``limit``: a cut of the flow from ranks to experts.
+
+    A slot can stay only if its replica fits with the smallest one (``smallest [V]``); a rank
+    keeps both only if its old pair fits; expert ``e`` keeps at most ``c_e`` slots. For a set
+    ``A`` of experts, kept <= sum over ``A`` of ``c_e`` + sum over ranks of min(the rank's
+    cap, its keepable slots outside ``A``); ``A`` = none, and ``A`` = the experts with fewer
+    replicas than keepable slots.
+    """
+    held = cur >= 0
+    x = np.maximum(cur, 0)  # [R, 2]
+    v = per[:, x]  # [V, R, 2]
+    keep = held[None] & limit.fits(v, smallest[:, None, None] * (1 - 1e-12))
+    both = keep.all(axis=2) & limit.fits(v.max(axis=2), v.min(axis=2) * (1 - 1e-12))
+    cap = np.where(both, 2, keep.any(axis=2).astype(np.int64))  # [V, R]
+    rows = np.arange(per.shape[0])[:, None]
+    keepable = np.zeros(per.shape, dtype=np.int64)  # [V, n]
+    for s in range(2):
+        np.add.at(keepable, (np.broadcast_to(rows, keep[:, :, s].shape), x[None, :, s]),
+                  keep[:, :, s].astype(np.int64))
+    scarce = counts < keepable  # [V, n]
+    outside = (keep & ~scarce[rows[:, :, None], x[None]]).sum(axis=2)  # [V, R]
+    none = np.minimum(cap, keep.sum(axis=2)).sum(axis=1)
+    cut = np.where(scarce, counts, 0).sum(axis=1) + np.minimum(cap, outside).sum(axis=1)
+    return np.minimum(none, cut)
+
+
+def _layout(c: I64, num_ranks: int) -> tuple[int, I64, I64, I64, I64]:
+    """The dynamic program's states for counts ``c [n]`` (see :func:`_max_kept`), by pair.
+
+    Returns:
+        size: number of states (digit ``d_e`` in ``0..c_e`` per expert, mixed radix, expert 0
+            the lowest digit)
+        ids: [E], the states that occur (an even number of replicas left), by that number
+        edges: [2 R + 2], where each number of replicas left starts in ``ids``
+        where: [size], position of each state in ``ids``
+        src: [n (n + 1) / 2, E], the state each pair (``np.triu_indices(n)`` order) moves
+            from into each of ``ids``, ``size`` where that would overflow a digit
+    """
+    n = c.size
+    radix = np.concatenate([[1], np.cumprod(c[:-1] + 1)]).astype(np.int64)
+    size = int(np.prod(c + 1))
+    col = np.indices(tuple(int(k) + 1 for k in c[::-1])).reshape(n, -1)[::-1]  # [n, states]
+    level = col.sum(axis=0)
+    ids = np.flatnonzero(level % 2 == 0)
+    ids = ids[np.argsort(level[ids], kind="stable")]
+    edges = np.searchsorted(level[ids], np.arange(2 * num_ranks + 2))
+    where = np.empty(size, dtype=np.int64)
+    where[ids] = np.arange(ids.size)
+    digit = col[:, ids]
+    one, two = digit < c[:, None], digit < (c - 1)[:, None]  # room for one / two more
+    e, f = np.triu_indices(n)
+    ok = one[e] & one[f]
+    same = e == f
+    ok[same] = two[e[same]]
+    src = np.where(ok, ids[None, :] + (radix[e] + radix[f])[:, None], size)
+    return size, ids, edges, where, src
+
+
+def _max_kept(
+    c: I64, val: F64, cur: I64, limit: _Limit, scale: float
+) -> tuple[float, I64] | None:
+    """Most slots of ``cur [R, 2]`` kept (less ``scale`` x the sum of squared rank loads) by
+    an arrangement of exactly ``c [n]`` replicas of loads ``val [n]``, every pair within
+    ``limit``; with the arrangement, or None.
+
+    Dynamic programming over ranks; a state is the replicas still to place (digit ``d_e`` of a
+    mixed-radix number), and after ``r`` ranks only states with ``2 (R - r)`` replicas left
+    occur (:func:`_layout`)."""
+    num_ranks = cur.shape[0]
+    size, ids, edges, where, src_all = _layout(c, num_ranks)
+    e, f = np.triu_indices(c.size)
+    good = limit.fits(np.maximum(val[e], val[f]), np.minimum(val[e], val[f]) * (1 - 1e-12))
+    e, f, src = e[good], f[good], src_all[good]  # [T], the pairs a rank may take
+    if e.size == 0:
+        return None
+    penalty = scale * (val[e] + val[f]) ** 2
+    score = np.full(size + 1, -np.inf)
+    score[size - 1] = 0.0
+    history = [score]
+    adds = []
+    for r in range(num_ranks):
+        a, b = int(cur[r, 0]), int(cur[r, 1])
+        # Slots kept: the multiset intersection of the new pair and the rank's old one.
+        if a == b:
+            kept = (e == a).astype(np.float64) + (f == a)
+        else:
+            kept = ((e == a) | (f == a)).astype(np.float64) + ((e == b) | (f == b))
+        adds.append(kept - penalty)
+        # After r + 1 ranks, 2 (R - r - 1) replicas are left.
+        left = 2 * (num_ranks - r - 1)
+        at = slice(int(edges[left]), int(edges[left + 1]))
+        gain = score[src[:, at]]  # [T, states at that level]
+        gain += adds[-1][:, None]
+        score = np.full(size + 1, -np.inf)
+        score[ids[at]] = gain.max(axis=0)
+        history.append(score)
+    if not np.isfinite(score[0]):
+        return None
+    # Walk back: at each rank, a pair whose source score plus its gain gives the score.
+    out = np.empty_like(cur)
+    state = 0
+    for r in range(num_ranks - 1, -1, -1):
+        col_src = src[:, where[state]]
+        t = int(np.argmax(history[r][col_src] + adds[r] == history[r + 1][state]))
+        pair = [int(e[t]), int(f[t])]
+        if pair[1] == cur[r, 0] or pair[0] == cur[r, 1]:
+            pair = pair[::-1]
+        out[r] = pair
+        state = int(col_src[t])
+    return float(score[0]), out
