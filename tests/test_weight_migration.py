@@ -18,7 +18,7 @@ import torch
 
 from eplb_engine.launch import spawn_ranks
 from eplb_engine.placement import random_placement
-from worker_agent.migration import ExpertWeights, MigrationError
+from worker_agent.migration import ExpertWeights, MigrationError, _Comm, _Status
 from worker_agent.transfers import plan_transfers
 
 L, E, S = 3, 5, 3
@@ -328,3 +328,44 @@ def test_registry_checks() -> None:
         weights.migrate_layer(1, plan[0])
     with pytest.raises(MigrationError, match="transfers are for layer 1, not 0"):
         weights.migrate_layer(0, plan_transfers([[0, 1], [0, 1]], [[0, 1], [1, 0]], 1)[1])
+
+
+class _NeverDone:
+    """A CUDA event stand-in whose work never completes (a peer that never sends)."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:  # pragma: no cover - would hang; the deadline path must win
+        raise AssertionError("synchronize() called although a timeout was given")
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self.waits: list[Any] = []
+
+    def wait(self, *args: Any) -> None:
+        self.waits.append(args)
+
+
+def test_status_read_is_bounded_by_the_timeout() -> None:
+    """On NCCL the transfers' bound is the status read: a result that never lands raises
+    TimeoutError after ``timeout_s`` instead of blocking."""
+    status = _Status(tensor=torch.zeros(2, dtype=torch.int64), event=_NeverDone())
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"within 0\.2 s"):
+        status.result(0.2)
+    assert 0.2 <= time.perf_counter() - start < 2.0
+
+
+def test_nccl_waits_do_not_block_the_host_gloo_waits_are_bounded() -> None:
+    """NCCL's Work.wait(timeout) blocks the host until the transfer ends; the migration must
+    only order the stream there (wait() without arguments) and pass the timeout on gloo."""
+    comm = _Comm(None)
+    handles = [_Handle(), _Handle()]
+    comm.nccl = True
+    comm.wait(handles, 5.0)
+    assert [h.waits for h in handles] == [[()], [()]]
+    comm.nccl = False
+    comm.wait(handles, 5.0)
+    assert all(len(h.waits[1]) == 1 and h.waits[1][0].total_seconds() == 5.0 for h in handles)
