@@ -803,3 +803,83 @@ def test_pair_bound_proves_two_percent_unreachable() -> None:
     np.testing.assert_allclose(slots, plain, rtol=1e-5)
     assert (bound > 1.1 * plain).all()
     assert (bound <= optimum * (1 + 1e-9)).all() and (optimum < 1.005 * bound).all()
+
+
+def test_replan_polish_gives_rows_within_goal_a_swap_path() -> None:
+    """With ``polish``, a row already within its goal (here: a generous tolerance) gets a
+    swap path from its counts in service toward ``reference * (1 + polish)``; without it
+    the row keeps every slot and has no path beyond the arrangement in service."""
+    from eplb_service.policy.fresh import count_rows, plan_fresh
+    from eplb_service.policy.incremental import materialize, replan
+
+    num_ranks, per_rank, rows, n = 8, 4, 6, 24
+    num_slots = num_ranks * per_rank
+    loads = workloads.noise_sequence(rows, n, 3, num_windows=2, tokens=200_000)
+    current, _ = plan_fresh(loads[0], num_slots, num_ranks)
+    weight = loads[1]
+    fresh_item, fresh_peak = plan_fresh(weight, num_slots, num_ranks)
+
+    def fresh(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return fresh_item[r], fresh_peak[r]
+
+    peak0 = ((weight / count_rows(current, n))[np.arange(rows)[:, None, None], current]
+             ).sum(axis=2).max(axis=1)
+    assert (peak0 > fresh_peak * 1.001).any()  # something to polish
+    plain, _ = replan(weight, current, fresh_peak, fresh, num_nodes=1, tolerance=0.05)
+    assert (plain.points == 2).all() and (plain.changed == 0).all()
+    paths, _ = replan(weight, current, fresh_peak, fresh, num_nodes=1, tolerance=0.05,
+                      polish=0.001)
+    idle = peak0 > fresh_peak * 1.001 * (1 + 1e-9)
+    assert (paths.points[idle] > 2).all()
+    last = paths.points - 1
+    assert (paths.peak[np.arange(rows), last] < peak0)[idle].all()
+    item = materialize(paths, last)
+    np.testing.assert_array_equal(count_rows(item, n), count_rows(current, n))
+
+
+def test_choose_points_more_goes_on_within_the_extra_moves() -> None:
+    """``more`` continues past ``needed`` in the same order, taking at most ``more_moves``
+    further slots; the points reached for ``needed`` alone are never undone."""
+    from eplb_service.policy.budget import Budget, choose_points
+    from eplb_service.policy.fresh import plan_fresh
+    from eplb_service.policy.incremental import replan
+
+    num_ranks, rows, n = 8, 10, 32
+    loads = workloads.drift_sequence(rows, n, 2, num_windows=2, tokens=200_000)
+    current, _ = plan_fresh(loads[0], 4 * num_ranks, num_ranks)
+    weight = loads[1]
+    paths, _ = replan(weight, current, np.zeros(rows),
+                      lambda r: plan_fresh(weight[r], 4 * num_ranks, num_ranks), num_nodes=1,
+                      tolerance=0.004, polish=0.0)
+    mean = weight.sum(axis=1) / num_ranks
+    ones = np.ones(rows)
+    r = np.arange(rows)
+    base = choose_points(paths, mean, ones, needed=0.02, budget=Budget())
+    used = int(paths.changed[r, base].sum())
+    for extra in (0, 4, 12):
+        more = choose_points(paths, mean, ones, needed=0.02, budget=Budget(), more=1.0,
+                             more_moves=extra)
+        assert (more >= base).all()
+        assert used <= int(paths.changed[r, more].sum()) <= used + extra
+    unlimited = choose_points(paths, mean, ones, needed=0.02, budget=Budget(), more=1.0)
+    assert int(paths.changed[r, unlimited].sum()) > used + 12
+
+
+def test_noise_replan_stays_near_the_fresh_plan_on_average() -> None:
+    """Noise only: the migration-aware plan's mean balancedness is within
+    ``MEAN_SHARE * TOLERANCE`` of the fresh plan's, or it used its ``POLISH_SLOTS`` of
+    extra rewrites; with ``significance`` the rows alone would stay further off."""
+    from eplb_service.policy import sticky
+
+    t = Topology(20, 64, 96, 16, 2)
+    loads = workloads.noise_sequence(t.num_layers, t.num_experts, 1, num_windows=2,
+                                     tokens=400_000)
+    first = plan(loads[0], t, strategy="global").placement
+    result = plan(loads[1], t, current=first, strategy="global")
+    fresh = plan(loads[1], t, strategy="global").after.balancedness_mean
+    got = result.after.balancedness_mean
+    assert result.migration is not None
+    within = got >= fresh * (1 - sticky.MEAN_SHARE * sticky.TOLERANCE) - 1e-12
+    spent = result.migration.fraction_changed >= sticky.POLISH_SLOTS * 0.9
+    assert within or spent
+    assert result.migration.fraction_changed <= 0.05

@@ -76,6 +76,8 @@ def choose_points(
     *,
     needed: float | None,
     budget: Budget,
+    more: float | None = None,
+    more_moves: float = np.inf,
 ) -> I64:
     """Picks a point per row: the cheapest way to gain ``needed`` balancedness within budget.
 
@@ -85,6 +87,10 @@ def choose_points(
         row_weight: [X], weight of each row's balancedness in the objective
         needed: total weighted balancedness gain to reach (None: as much as the budget allows)
         budget: limits on slots changed and bytes moved
+        more: once ``needed`` is reached, go on (same order, same budget) toward this total
+            gain (None or <= needed: stop at ``needed``) ...
+        more_moves: ... changing at most this many slots beyond those taken to reach
+            ``needed``
 
     Returns:
         point: [X], the chosen point of each row (>= ``paths.min_point``)
@@ -115,15 +121,19 @@ def choose_points(
     gained = float((value[r_idx, point] - value[:, 0]).sum())
     heap = [(-float(slope[r, point[r]]), int(r)) for r in range(num_rows) if nxt[r, point[r]] >= 0]
     heapq.heapify(heap)
+    cap = max_moves  # slots changed allowed so far (lowered once ``needed`` is reached)
     while heap:
         if needed is not None and gained >= needed:
-            break
+            if more is None or gained >= more:
+                break
+            if cap == max_moves:
+                cap = min(max_moves, used_moves + more_moves)
         _, r = heapq.heappop(heap)
         k = int(point[r])
         j = int(nxt[r, k])
         dm = moves[r, j] - moves[r, k]
         db = sent[r, j] - sent[r, k]
-        if used_moves + dm > max_moves or used_bytes + db > max_bytes:
+        if used_moves + dm > cap or used_bytes + db > max_bytes:
             continue  # this row is closed: its later segments are no steeper
         used_moves += dm
         used_bytes += db

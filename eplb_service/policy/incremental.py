@@ -3,7 +3,8 @@
 Rows ``X`` as in :mod:`eplb_service.policy.fresh`; arrangements ``[X, R, S]`` of expert ids, where
 ``-1`` marks a slot that must be rewritten (it holds an expert that may not stay there, e.g. one
 of another node's groups in a hierarchical plan). A row's goal is the fresh plan's largest rank
-load times ``1 + tolerance``; a row already within it keeps every slot.
+load times ``1 + tolerance``; a row already within it keeps every slot, unless ``polish`` asks
+for swap paths toward the fresh plan on those rows too (see :func:`replan`).
 
 For the other rows, three attempts, each taken only by rows the previous one left above goal:
 
@@ -357,6 +358,7 @@ def replan(
     search: float = SEARCH,
     max_moves: int = 256,
     stand_in: bool = False,
+    polish: float | None = None,
 ) -> tuple[Paths, F64]:
     """Move paths for every row from its arrangement in service (see the module docstring).
 
@@ -381,6 +383,11 @@ def replan(
         stand_in: ``reference`` is only a lower bound (the fresh plan is not known): with at
             least ``STAND_IN_MIN_SLOTS`` slots per rank, rows first try to reach the goal it
             sets before asking ``fresh``
+        polish: when given, swaps continue down to ``reference * (1 + polish)`` (at most the
+            search goal above), and rows already within their goal but above that level get
+            a path too (swaps only, replica counts kept), so that a caller asking for more
+            than every row's goal (a mean balancedness near the fresh plan's) can buy it
+            where it costs least
 
     Returns:
         paths: :class:`Paths`
@@ -394,8 +401,13 @@ def replan(
 
     def goals(rows: I64 | slice) -> tuple[F64, F64]:
         ref, more = reference[rows], extra[rows]
-        return ref * (1 + tolerance) + more, ref * (1 + search * tolerance) + search * more
+        searched = ref * (1 + search * tolerance) + search * more
+        if polish is not None:
+            searched = np.minimum(searched, ref * (1 + polish))
+        return ref * (1 + tolerance) + more, searched
 
+    if per_rank == 2 and count_vectors(num_slots, n) is not None:
+        polish = None  # exact fewest-rewrites rows (Mixtral): a swap rewrites 1/8 of a layer
     goal, search_goal = goals(slice(None))
     costs = SwapCosts.in_service(current, n, num_nodes)
     before = count_rows(current, n)
@@ -405,6 +417,7 @@ def replan(
     staged_peak = peak0.copy()
     logs: list[tuple[I64, SwapLog]] = []
     met = ~must_fix & (peak0 <= goal * (1 + 1e-9))
+    touched = np.zeros(num_rows, dtype=bool)  # rows with a staged arrangement or swaps
     small = count_vectors(num_slots, n) if per_rank == 2 else None
     options = np.full((num_rows, 0 if small is None else len(PARTIAL), num_ranks, per_rank), -2)
 
@@ -423,13 +436,15 @@ def replan(
             axis=2
         ).max(axis=1)
         met[rows[ok]] = True
+        touched[rows[ok]] = True
         keep = ok[log.row]
         logs.append((rows, SwapLog(log.row[keep], log.slot_a[keep], log.slot_b[keep],
                                    log.peak[keep], log.changed[keep], log.arrivals[keep])))
         return rows[~ok]
 
     # Rows within their goal keep every slot (even above the search goal): touching them
-    # would rewrite slots for a gain smaller than the tolerance.
+    # would rewrite slots for a gain smaller than the tolerance (with ``polish`` they get a
+    # path at the end, which the caller takes only to meet a mean target).
     todo = np.flatnonzero(must_fix | (peak0 > goal * (1 + 1e-9)))
     if todo.size and stand_in and per_rank >= STAND_IN_MIN_SLOTS:
         # 0. Hysteresis counts toward the stand-in's goal (water-filling's largest replica):
@@ -496,6 +511,12 @@ def replan(
                 staged[final] = align_to(fresh_item[idx], current[final])
                 staged_peak[final] = fresh_peak[idx]
                 met[final] = True
+                touched[final] = True
+    if polish is not None:
+        # Rows within their goal keep their counts and only swap toward the polish level.
+        idle = np.flatnonzero(~touched & ~must_fix & (peak0 > search_goal * (1 + 1e-9)))
+        if idle.size:
+            accept(idle, before[idle], *attempt(idle, before[idle]))
     options = np.where(options[:, :, :1, :1] == -2, staged[:, None], options)
     paths = _assemble(weight, current, staged, staged_peak, options, logs, peak0, must_fix, met,
                       costs)

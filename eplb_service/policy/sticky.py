@@ -13,7 +13,9 @@ is the drop-in ``(phy2log, log2phy, logcnt)`` form registered as ``"sticky"`` an
 3. **From the placement in service** (``current``; :mod:`~eplb_service.policy.incremental`): a
    layer already within ``tolerance`` of the fresh plan keeps every slot; the others change as
    little as reaches that goal, cheapest moves first (copy inside a GPU < within a node <
-   across nodes).
+   across nodes). Then a polish: swaps where they gain most per rewrite (in any layer above
+   its fresh plan) until the mean balancedness is within ``MEAN_SHARE * tolerance`` of the
+   fresh plan's, or ``POLISH_SLOTS`` more slots are spent.
 4. **Budgets** (:mod:`~eplb_service.policy.budget`): ``max_moves`` / ``max_bytes`` keep the
    edits with the best balancedness gain per cost; **gating**: ``min_gain`` keeps the current
    placement when the predicted gain is smaller, and the result says so.
@@ -75,6 +77,14 @@ TOLERANCE = 0.004
 SIGNIFICANCE = 1.0
 # Most swaps per row in the migration-aware search.
 MAX_SWAPS = 64
+# With a placement in service, the plan's mean balancedness also stays within this fraction
+# of ``tolerance`` (relative) of the fresh plan's: rows within their own goal (tolerance plus
+# sampling noise) add swaps where they gain most per rewrite until it holds.
+MEAN_SHARE = 1.125
+# ... those swaps go down to this (relative) above each row's fresh plan ...
+POLISH = 0.001
+# ... and rewrite at most this fraction of all slots beyond what the rows' goals take.
+POLISH_SLOTS = 0.03
 
 
 @dataclass(frozen=True)
@@ -237,9 +247,11 @@ def _from_current(
                 return known[rows], reference[rows]
         paths, goal = replan(weight, cur, reference, fresh_rows, num_nodes=t.num_nodes,
                              tolerance=tolerance, allowance=allowance, max_moves=MAX_SWAPS,
-                             stand_in=fresh is None)
+                             stand_in=fresh is None, polish=POLISH)
         needed = _needed(mean, goal, paths, np.ones(t.num_layers))
-        point, note = _choose(paths, mean, np.ones(t.num_layers), needed, budget)
+        more = _needed_mean(mean, (goal - allowance) / (1 + tolerance), paths,
+                            np.ones(t.num_layers), MEAN_SHARE * tolerance)
+        point, note = _choose(paths, mean, np.ones(t.num_layers), needed, budget, more)
         return materialize(paths, point).reshape(t.num_layers, -1), note
     assert fresh is not None and fresh.group_node is not None
     # Start from the group-to-node assignment in service and swap groups between nodes only
@@ -265,22 +277,33 @@ def _from_current(
         return sub_fresh[rows], fresh_peak[rows]
 
     paths, goal = replan(sub_weight, sub_cur, fresh_peak, sub_rows, num_nodes=1,
-                         tolerance=tolerance, allowance=allowance, max_moves=MAX_SWAPS)
+                         tolerance=tolerance, allowance=allowance, max_moves=MAX_SWAPS,
+                         polish=POLISH)
     # Rows are (layer, node) pairs: each node's balancedness counts 1/N toward its layer's.
     row_weight = np.full(sub_weight.shape[0], 1.0 / t.num_nodes)
     needed = _needed(mean, goal, paths, row_weight)
-    point, note = _choose(paths, mean, row_weight, needed, budget)
+    more = _needed_mean(mean, (goal - allowance) / (1 + tolerance), paths, row_weight,
+                        MEAN_SHARE * tolerance)
+    point, note = _choose(paths, mean, row_weight, needed, budget, more)
     return to_global(materialize(paths, point), experts).reshape(t.num_layers, -1), note
 
 
 def _choose(
-    paths: Paths, mean: F64, row_weight: F64, needed: float, budget: Budget
+    paths: Paths, mean: F64, row_weight: F64, needed: float, budget: Budget, more: float
 ) -> tuple[I64, str | None]:
-    """Points per row within the budget, and a note when the budget cut the plan short."""
-    point = choose_points(paths, mean, row_weight, needed=needed, budget=budget)
+    """Points per row within the budget, and a note when the budget cut the plan short:
+    ``needed`` (every row's goal on average), then toward ``more`` (the mean within
+    ``MEAN_SHARE * tolerance`` of the fresh plans') with at most ``POLISH_SLOTS`` of all
+    slots rewritten beyond."""
+    extra = POLISH_SLOTS * paths.current[0].size * paths.current.shape[0]
+    if paths.options.shape[1]:
+        more = needed  # exact fewest-rewrites rows (Mixtral): not polished (see replan)
+    point = choose_points(paths, mean, row_weight, needed=needed, budget=budget, more=more,
+                          more_moves=extra)
     if not budget.limited:
         return point, None
-    free = choose_points(paths, mean, row_weight, needed=needed, budget=Budget())
+    free = choose_points(paths, mean, row_weight, needed=needed, budget=Budget(), more=more,
+                         more_moves=extra)
     rows = np.arange(point.size)
     taken = int(paths.changed[rows, point].sum())
     wanted = int(paths.changed[rows, free].sum())
@@ -297,6 +320,16 @@ def _needed(mean: F64, goal: F64, paths: Paths, row_weight: F64) -> float:
     """Weighted balancedness gain over the placement in service that brings every row to its
     goal on average."""
     target = float((row_weight * _ratio(mean, goal)).sum())
+    now = float((row_weight * _ratio(mean, paths.peak[:, 0])).sum())
+    return max(target - now, 0.0)
+
+
+def _needed_mean(
+    mean: F64, reference: F64, paths: Paths, row_weight: F64, margin: float
+) -> float:
+    """Weighted balancedness gain over the placement in service that brings the weighted mean
+    balancedness within ``margin`` (relative) of the fresh plans' (peaks ``reference``, [X])."""
+    target = (1 - margin) * float((row_weight * _ratio(mean, reference)).sum())
     now = float((row_weight * _ratio(mean, paths.peak[:, 0])).sum())
     return max(target - now, 0.0)
 
@@ -456,7 +489,9 @@ def plan(
         min_gain: keep ``current`` unless mean balancedness rises by at least this
         strategy: ``"auto"``, ``"hierarchical"`` or ``"global"``
         tolerance: with ``current``, how far (relative max rank load) layers may stay above
-            the fresh plan, on average, to save moves
+            the fresh plan, on average, to save moves; the plan's mean balancedness is then
+            brought within ``MEAN_SHARE * tolerance`` of the fresh plan's where at most
+            ``POLISH_SLOTS`` of all slots more buy it (best gain per rewrite first)
         significance: with whole-number loads (token counts), also tolerate this many standard
             deviations of sampling noise (0 disables)
 
