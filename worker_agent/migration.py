@@ -234,7 +234,9 @@ class ExpertWeights:
             oldest one's status and issues its commit (at least 1; on CPU, gloo, always 1).
             More gives the GPU a queued transfer while the host works, for one more staging
             buffer of up to 512 MiB each; on 2 x H200 2 measured the same as 1 (the host's
-            work per group, not the queue, sets the pace), so the default is 1.
+            work per group, not the queue, sets the pace), so the default is 1. Every rank
+            must use the same value (after a failure in stop mode, the groups already posted
+            are the ones every rank lets finish).
 
     Register with :meth:`register` / :meth:`register_layer`; migrate with
     :meth:`migrate_layer` (one layer) or :meth:`migrate` (many). Calls to the ``migrate*``
