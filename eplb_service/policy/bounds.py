@@ -22,6 +22,8 @@ With two slots per rank, :func:`pair_lower_bound` goes further: a replica above 
 needs a partner below ``B / 2``, and at every threshold the large replicas must not outnumber
 the small enough partners, for one and the same count vector (DeepSeek-V3 EP144 decode:
 zipf 1.0 at 1.041 x LB, hot at 1.219 x LB, where the slot bound is LB).
+:func:`pair_lagrangian_bound` weighs all thresholds at once (a Lagrangian relaxation of the
+same conditions), which closes most of the rest of the gap to the optimum (EP144 lognormal).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import numpy as np
 import numpy.typing as npt
 
 F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
 
-__all__ = ["pair_lower_bound", "slot_lower_bound"]
+__all__ = ["pair_lagrangian_bound", "pair_lower_bound", "slot_lower_bound"]
 
 # Pigeonhole levels checked (q = 1..LEVELS); higher levels never bound the benchmark configs.
 LEVELS = 8
@@ -158,6 +161,145 @@ def pair_lower_bound(
         for _ in range(steps):
             mid = 0.5 * (lo + hi)
             if _pairs_infeasible(weight[x], mid, num_ranks, thresholds):
+                lo = mid
+            else:
+                hi = mid
+        out[x] = lo
+    return out
+
+
+# Relative tolerance of the Hall counts below: always rounded toward "feasible" (fewer large
+# replicas needing a partner, more small partners), so round-off can only weaken the bound.
+_TOL = 1e-12
+
+
+def _hall_terms(w: F64, level: float, num_slots: int, grid: int) -> tuple[F64, int] | None:
+    """Per expert and extra replica, its part of the Hall excess at each threshold.
+
+    Returns ``f [n, K, T]`` (``K = extra + 1`` counts ``ceil(w / level) + k``, ``T``
+    thresholds ``t``: ``+c`` when the expert's ``c`` replicas exceed ``level / 2`` and leave
+    room ``level - w / c <= t``, ``-c`` when they are at most ``level / 2`` and ``<= t``) and
+    the number of extra slots, or None when the minimum counts alone exceed ``num_slots``.
+    """
+    base = np.maximum(np.ceil(w / level * (1 - _TOL)), 1.0).astype(np.int64)  # [n]
+    extra = num_slots - int(base.sum())
+    if extra < 0:
+        return None
+    count = base[:, None] + np.arange(extra + 1)[None, :]  # [n, K]
+    value = w[:, None] / count
+    big = value > level / 2 * (1 + _TOL)
+    # Thresholds: a grid over (0, level / 2] plus every room a large replica can leave (the
+    # excess only rises there), deduplicated.
+    # (each room raised by 3 tolerances, so that the replica leaving it counts there)
+    rooms = np.unique(level - value[big]) * (1 + 3 * _TOL)
+    t = np.unique(np.concatenate([np.linspace(0.0, level / 2, grid + 1)[1:], rooms]))  # [T]
+    needs = (level - value)[..., None] <= t * (1 - _TOL)  # [n, K, T]
+    fits = value[..., None] <= t * (1 + _TOL)
+    f = np.where(big[..., None], count[..., None] * needs, -count[..., None] * fits)
+    return f.astype(np.float64), extra
+
+
+def _least_excess(g: F64, extra: int) -> tuple[F64, I64]:
+    """Exact knapsack: ``g [M, n, K]`` -> least ``sum_e g[m, e, k_e]`` over ``sum_e k_e =
+    extra`` per ``m`` ``[M]``, and the minimizing ``k [M, n]``."""
+    num, n, width = g.shape
+    k = np.arange(width)
+    back = np.maximum(k[:, None] - k[None, :], 0)  # [s, j]: s - j
+    ahead = k[:, None] >= k[None, :]
+    best = np.full((num, width), np.inf)
+    best[:, 0] = 0.0
+    choice = np.zeros((n, num, width), dtype=np.int64)
+    for e in range(n):
+        moved = np.where(ahead[None], best[:, back] + g[:, e][:, None, :], np.inf)  # [M, s, j]
+        choice[e] = moved.argmin(axis=2)
+        best = moved.min(axis=2)
+    picked = np.zeros((num, n), dtype=np.int64)
+    left = np.full(num, extra)
+    rows = np.arange(num)
+    for e in range(n - 1, -1, -1):
+        picked[:, e] = choice[e][rows, left]
+        left -= picked[:, e]
+    return best[:, extra], picked
+
+
+def _pairs_refuted(w: F64, level: float, num_slots: int, grid: int, iters: int) -> bool:
+    """Whether the Lagrangian test proves no two-slot placement of ``w [n]`` on
+    ``num_slots / 2`` ranks reaches max rank load ``level`` (True is a proof). See
+    :func:`pair_lagrangian_bound`."""
+    terms = _hall_terms(w, level, num_slots, grid)
+    if terms is None:
+        return True
+    f, extra = terms
+    n, _, num_t = f.shape
+    # Single thresholds first (one knapsack each, as pair_lower_bound on a finer grid), on the
+    # grid only: the best of them starts the multiplier search.
+    coarse = np.linspace(0, num_t - 1, min(num_t, grid)).astype(np.int64)
+    least, _ = _least_excess(np.transpose(f[:, :, coarse], (2, 0, 1)), extra)
+    if (least > 1e-9).any():
+        return True
+    mu = np.zeros(num_t)
+    mu[coarse[int(least.argmax())]] = 1.0
+    for step in range(iters):
+        value, picked = _least_excess((f @ mu)[None], extra)
+        if value[0] > 1e-9:
+            return True
+        excess = f[np.arange(n), picked[0]].sum(axis=0)  # [T], the minimizer's Hall excess
+        if (excess <= 0).all():
+            return False  # the minimizer meets every threshold: no multiplier refutes it
+        norm = float(np.linalg.norm(excess))
+        mu = np.maximum(mu + 0.5 / np.sqrt(step + 1) * excess / norm, 0.0)
+        mu /= mu.sum()
+    return False
+
+
+def pair_lagrangian_bound(
+    weight: F64,
+    num_ranks: int,
+    lower: F64,
+    upper: F64,
+    *,
+    grid: int = 128,
+    iters: int = 60,
+    steps: int = 12,
+) -> F64:
+    """``[X]``: a lower bound on the max rank load of any placement with two slots per rank,
+    weighing every pairing threshold at once.
+
+    Argument. Let a placement of counts ``c`` (``c_e >= 1``, ``sum c = P = 2 R``, replicas of
+    ``e`` carrying ``w_e / c_e``, an expert may sit twice on a rank) have every rank load
+    ``<= B``; then every replica is ``<= B``, so ``c_e >= ceil(w_e / B)``. A replica ``a > B /
+    2`` shares its rank with one partner ``<= B - a`` that is itself ``<= B / 2`` (two
+    replicas above ``B / 2`` exceed ``B``), a different partner for each such replica. So at
+    every ``t``, the Hall excess ``F_c(t) = #{replicas > B / 2 with B - a <= t} - #{replicas
+    <= B / 2 and <= t}`` is ``<= 0``, and for any multipliers ``mu_t >= 0`` so is ``sum_t mu_t
+    F_c(t)``. That sum is separable over experts (each contributes ``+c_e`` or ``-c_e`` at the
+    thresholds its replicas pass), so its least value over all count vectors is an exact
+    knapsack over the extra replicas; if that least value is positive, no count vector, hence
+    no placement, reaches ``B``. Any ``mu`` gives a valid test (a point mass is
+    :func:`pair_lower_bound`'s); ``mu`` is searched by projected subgradient ascent (the
+    minimizer's excess) from the best single threshold. Round-off is resolved toward
+    feasibility. Bisection between ``lower`` (a valid bound) and ``upper`` keeps only ``B``
+    values proven unreachable, so the result is valid however far the search is from the best
+    ``mu``.
+
+    Parameters:
+        weight: [X, n], non-negative loads
+        num_ranks: R (``P = 2 R`` slots)
+        lower: [X], a valid lower bound (e.g. :func:`pair_lower_bound`'s)
+        upper: [X], a reachable max rank load (e.g. a plan's)
+        grid: thresholds on a regular grid over ``(0, B / 2]`` (besides the rooms)
+        iters: subgradient steps per tested ``B``
+        steps: bisection steps
+
+    Returns:
+        [X] float64, between ``lower`` and ``upper``
+    """
+    out = lower.astype(np.float64).copy()
+    for x in range(weight.shape[0]):
+        lo, hi = float(out[x]), float(max(upper[x], out[x]))
+        for _ in range(steps):
+            mid = 0.5 * (lo + hi)
+            if _pairs_refuted(weight[x].astype(np.float64), mid, 2 * num_ranks, grid, iters):
                 lo = mid
             else:
                 hi = mid

@@ -11,6 +11,9 @@ each with ``n`` experts, ``P`` slots and ``R`` ranks of ``S = P / R`` slots. An 
    ``S`` replicas, so water-filling can make too many mid-sized ones). For them, try
    :func:`cardinality_counts` at a few target levels, pack each the same way, and keep the best
    arrangement per row.
+3. With few slots per rank (``3 <= S <= COUNT_MOVE_SLOTS``), rows still poor try
+   :func:`count_moves`: one replica moved between experts at a time, repacked, kept only where
+   the polished peak drops.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 __all__ = [
+    "COUNT_MOVE_SLOTS",
     "LEVEL_FACTORS",
     "POOR",
+    "count_moves",
     "count_rows",
     "count_vectors",
     "exact_pairs",
@@ -56,6 +61,12 @@ SETTLE = 2e-4
 FRESH_LANES = 1
 # Most polishing swaps per row (a count-limited row can creep on for dozens of tiny gains).
 POLISH_MOVES = 16
+# count_moves runs on rows with 3..COUNT_MOVE_SLOTS slots per rank (DeepSeek-V3 EP64's 5): it
+# costs ~60 ms on 58 poor rows, more than the 30 ms target of EP32 (9 slots) allows.
+COUNT_MOVE_SLOTS = 5
+# Rounds of count_moves, and donors tried per receiving expert and round.
+COUNT_MOVE_ROUNDS = 3
+COUNT_MOVE_DONORS = 2
 
 
 def count_rows(item: I64, num_experts: int) -> I64:
@@ -200,6 +211,73 @@ def exact_pairs(weight: F64, num_slots: int, upper: F64) -> tuple[I64, F64]:
     return item, peak
 
 
+def count_moves(
+    weight: F64, item: I64, load: F64, bound: F64, num_ranks: int
+) -> tuple[I64, F64]:
+    """Moves single replicas between experts on rows more than ``POOR`` above ``bound``.
+
+    Per round and row, the receiving expert is the one of the heaviest rank's largest or
+    smallest replica (a smaller replica on that rank, or one more small filler), and the donors
+    are the ``COUNT_MOVE_DONORS`` experts whose remaining replicas stay lightest (``w / (c -
+    1)`` smallest, ``c >= 2``). Every candidate count vector is packed by :func:`greedy_pack`;
+    the best one per row is polished by swaps and kept only if its largest rank load is lower.
+    Rows that gain nothing stop.
+
+    Parameters:
+        weight: [X, n], loads
+        item: [X, R, S], the current arrangement
+        load: [X, R, S], its slot loads
+        bound: [X], the lower bound (rows within ``POOR`` of it are left alone)
+        num_ranks: R
+
+    Returns:
+        item: [X, R, S], the arrangement (a new array)
+        load: [X, R, S], its slot loads
+    """
+    item, load = item.copy(), load.copy()
+    n = weight.shape[1]
+    peak = load.sum(axis=2).max(axis=1)
+    rows = np.flatnonzero(peak > bound * (1 + POOR))
+    for _ in range(COUNT_MOVE_ROUNDS):
+        if rows.size == 0:
+            break
+        r = np.arange(rows.size)
+        counts = count_rows(item[rows], n)  # [r, n]
+        slots = load[rows]  # [r, R, S]
+        top = slots.sum(axis=2).argmax(axis=1)
+        top_load, top_item = slots[r, top], item[rows][r, top]  # [r, S]
+        receivers = (top_item[r, top_load.argmax(axis=1)], top_item[r, top_load.argmin(axis=1)])
+        key = np.where(counts >= 2, weight[rows] / np.maximum(counts - 1, 1), np.inf)  # [r, n]
+        cands = []
+        for receiver in receivers:
+            own = key.copy()
+            own[r, receiver] = np.inf
+            donors = np.argsort(own, axis=1, kind="stable")[:, :COUNT_MOVE_DONORS]
+            for d in range(donors.shape[1]):
+                donor = donors[:, d]
+                moved = counts.copy()
+                ok = np.isfinite(own[r, donor])
+                moved[r[ok], receiver[ok]] += 1
+                moved[r[ok], donor[ok]] -= 1
+                cands.append(moved)
+        tries = len(cands)
+        cand_item, cand_load = greedy_pack(
+            np.tile(weight[rows], (tries, 1)), np.concatenate(cands), num_ranks
+        )
+        best = cand_load.sum(axis=2).max(axis=1).reshape(tries, rows.size).argmin(axis=0)
+        pick = best * rows.size + r
+        new_load, new_item, _ = refine_swaps(
+            cand_load[pick], cand_item[pick], bound[rows] * (1 + SETTLE), lanes=FRESH_LANES,
+            max_moves=POLISH_MOVES,
+        )
+        better = new_load.sum(axis=2).max(axis=1) < peak[rows] * (1 - 1e-9)
+        won = rows[better]
+        item[won], load[won] = new_item[better], new_load[better]
+        peak[won] = load[won].sum(axis=2).max(axis=1)
+        rows = won[peak[won] > bound[won] * (1 + POOR)]
+    return item, load
+
+
 def plan_fresh(weight: F64, num_slots: int, num_ranks: int) -> tuple[I64, F64]:
     """Plans every row from scratch.
 
@@ -266,6 +344,9 @@ def plan_fresh(weight: F64, num_slots: int, num_ranks: int) -> tuple[I64, F64]:
     # 3. Polish every row by swaps, down to (just above) the lower bound.
     load, item, _ = refine_swaps(load, item, bound * (1 + SETTLE), lanes=FRESH_LANES,
                                  max_moves=POLISH_MOVES)
+    # Few slots per rank: rows still poor move single replicas between experts.
+    if 3 <= per_rank <= COUNT_MOVE_SLOTS:
+        item, load = count_moves(weight, item, load, bound, num_ranks)
     peak = load.sum(axis=2).max(axis=1)
 
     # 4. Two slots per rank and few count vectors: the exact optimum where it is better.
