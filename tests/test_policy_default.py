@@ -107,6 +107,20 @@ def test_plan_from_current_is_valid(
         assert group_local(result.placement, groups)
 
 
+@pytest.mark.parametrize("unloaded", [1, 3, 5])
+def test_nodes_without_load_replan_from_current(unloaded: int) -> None:
+    """Hierarchical replans plan each (layer, node) row alone; a node whose experts saw no
+    tokens has a goal of 0, and with two slots per rank its row goes to the exact
+    fewest-rewrite search. A hypothesis find: that search divided by the squared goal."""
+    t = Topology(2, 6, 8, 4, 2)
+    weight = np.ones((t.num_layers, t.num_experts))
+    weight[:, :unloaded] = 0.0
+    for seed in range(3):
+        current = random_placement(t, seed)
+        result = plan(weight, t, num_groups=2, current=current, strategy="hierarchical")
+        Placement(result.placement.phy2log, t)
+
+
 @SETTINGS
 @given(problems(), st.integers(0, 2**16), st.integers(0, 12), st.booleans())
 def test_budgets_are_never_exceeded(

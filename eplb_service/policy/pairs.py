@@ -540,8 +540,10 @@ def _fewest_row(
     per = w[None, :] / counts[cand]  # [v, n]
     bound = _kept_bound(per, smallest, counts[cand], cur, limit)
     order = np.argsort(-bound, kind="stable")
-    # Rank loads are within the goal, so the tie-break costs < 0.4 slots in all.
-    scale = 0.4 / (num_ranks * max(float(limit.goal), 1e-300) ** 2)
+    # Rank loads are within the goal, so the tie-break costs < 0.4 slots in all; a row with
+    # (next to) no load has nothing to break ties on.
+    goal = float(limit.goal)
+    scale = 0.4 / (num_ranks * goal**2) if goal > 1e-150 else 0.0
     best: tuple[float, I64] | None = None
     if start is not None:
         load = (w / np.bincount(start.ravel(), minlength=w.size))[start].sum(axis=1)  # [R]
