@@ -28,6 +28,8 @@ same conditions), which closes most of the rest of the gap to the optimum (EP144
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -155,12 +157,23 @@ def pair_lower_bound(
     Returns:
         [X] float64, between ``lower`` and ``upper``
     """
+    return _bisect_refuted(
+        lower, upper, steps, lambda x, b: _pairs_infeasible(weight[x], b, num_ranks, thresholds)
+    )
+
+
+def _bisect_refuted(
+    lower: F64, upper: F64, steps: int, refuted: Callable[[int, float], bool]
+) -> F64:
+    """``[X]`` per row ``x``, the largest max rank load ``B`` between ``lower[x]`` and
+    ``upper[x]`` that ``refuted(x, B)`` proves unreachable, by ``steps`` bisection steps. Only
+    refuted values are kept, so the result is a valid bound whatever ``refuted`` misses."""
     out = lower.astype(np.float64).copy()
-    for x in range(weight.shape[0]):
+    for x in range(out.shape[0]):
         lo, hi = float(out[x]), float(max(upper[x], out[x]))
         for _ in range(steps):
             mid = 0.5 * (lo + hi)
-            if _pairs_infeasible(weight[x], mid, num_ranks, thresholds):
+            if refuted(x, mid):
                 lo = mid
             else:
                 hi = mid
@@ -294,14 +307,8 @@ def pair_lagrangian_bound(
     Returns:
         [X] float64, between ``lower`` and ``upper``
     """
-    out = lower.astype(np.float64).copy()
-    for x in range(weight.shape[0]):
-        lo, hi = float(out[x]), float(max(upper[x], out[x]))
-        for _ in range(steps):
-            mid = 0.5 * (lo + hi)
-            if _pairs_refuted(weight[x].astype(np.float64), mid, 2 * num_ranks, grid, iters):
-                lo = mid
-            else:
-                hi = mid
-        out[x] = lo
-    return out
+    rows = weight.astype(np.float64)
+    return _bisect_refuted(
+        lower, upper, steps,
+        lambda x, b: _pairs_refuted(rows[x], b, 2 * num_ranks, grid, iters),
+    )
