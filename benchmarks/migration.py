@@ -290,12 +290,24 @@ def _swap_map(rng: np.random.Generator, layers: int, world: int, slots: int,
     return old, new
 
 
+def _rebalance(rank: int, world: int, args: argparse.Namespace, device: torch.device,
+               tracer: Any = None) -> tuple[ExpertWeights, tuple[Any, Any]]:
+    """The rebalance workload: ``--layers`` layers of weights and the two plans between the
+    ``_swap_map`` maps (forward, backward; the same on every rank)."""
+    rng = np.random.default_rng(args.seed)
+    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
+    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args, tracer)
+    return weights, (plan_transfers(old, new, world), plan_transfers(new, old, world))
+
+
+def _all_at_once(weights: ExpertWeights, plan: Any, args: argparse.Namespace) -> None:
+    """Every changed layer of ``plan`` in one verified call (the rollout path's one step)."""
+    _checked(weights, plan, list(plan.changed_layers), None, _group_bytes(args), _timeout(args))
+
+
 def _pause(rank: int, world: int, args: argparse.Namespace,
            device: torch.device) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(args.seed)  # the same maps on every rank
-    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
-    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args)
-    forward, backward = plan_transfers(old, new, world), plan_transfers(new, old, world)
+    weights, (forward, backward) = _rebalance(rank, world, args, device)
     rows = []
     fwd = True
     for per_step in args.layers_per_step:
@@ -410,15 +422,11 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
             _timed(flip.all_layers_verified, device)
         out.append({"case": name, "phases": log.medians()})
         del weights, flip
-    rng = np.random.default_rng(args.seed)
-    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
     log = _PhaseLog()
-    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args, log)
-    plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
+    weights, plans = _rebalance(rank, world, args, device, log)
     for i in range(args.warmup + args.iters // 2 * 2):
         log.on = i >= args.warmup
-        _timed(lambda p=plans[i % 2]: _checked(weights, p, list(p.changed_layers), None,
-                                               _group_bytes(args), _timeout(args)), device)
+        _timed(lambda p=plans[i % 2]: _all_at_once(weights, p, args), device)
     out.append({"case": f"rebalance, {args.layers} layers at once", "phases": log.medians()})
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -432,16 +440,11 @@ def _trace(rank: int, world: int, args: argparse.Namespace, device: torch.device
 
     from torch.profiler import ProfilerActivity, profile
 
-    rng = np.random.default_rng(args.seed)
-    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
-    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args)
-    plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
+    weights, plans = _rebalance(rank, world, args, device)
     for p in plans:
-        _timed(lambda p=p: _checked(weights, p, list(p.changed_layers), None,
-                                    _group_bytes(args), _timeout(args)), device)
+        _timed(lambda p=p: _all_at_once(weights, p, args), device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        took = _timed(lambda: _checked(weights, plans[0], list(plans[0].changed_layers), None,
-                                       _group_bytes(args), _timeout(args)), device)
+        took = _timed(lambda: _all_at_once(weights, plans[0], args), device)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -457,21 +460,14 @@ def _host_profile(rank: int, world: int, args: argparse.Namespace, device: torch
     import io
     import pstats
 
-    rng = np.random.default_rng(args.seed)
-    old, new = _swap_map(rng, args.layers, world, args.slots, args.churn)
-    weights = _build(args.layers, args.slots, args.hidden, args.ffn, device, rank, args)
-    plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
-
-    def call(p: Any) -> None:
-        _checked(weights, p, list(p.changed_layers), None, _group_bytes(args), _timeout(args))
-
+    weights, plans = _rebalance(rank, world, args, device)
     for p in plans:
-        _timed(lambda p=p: call(p), device)
+        _timed(lambda p=p: _all_at_once(weights, p, args), device)
     profiler = cProfile.Profile()
     _sync(device)
     dist.barrier()
     profiler.enable()
-    call(plans[0])
+    _all_at_once(weights, plans[0], args)
     profiler.disable()
     _sync(device)
     out = io.StringIO()
