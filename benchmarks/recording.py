@@ -160,18 +160,18 @@ def bench_map(args, slots: int) -> list[dict]:
 
 
 # Candidate launch configurations of the sweep, per token count (top-8): "MODE BLOCK/WARPS eN",
-# MODE D (one RED per pair) or H (split histogram, one RED per program and slot), N replica
-# slots read together with the count.
+# MODE D (one RED per pair), W (one RED per warp and slot, match.any) or H (split histogram, one
+# RED per program and slot), N replica slots read together with the count.
 SWEEP = {
-    1: "D32/1e3 D64/2e3 D32/1e1 D32/1e0",
-    16: "D32/1e3 D64/2e3 D32/1e0",
-    128: "D64/2e3 D32/1e3 D64/2e0 H64/2e3",
-    512: "H128/4e3 H64/2e3 H32/1e3 H128/2e3 H256/8e3 H128/4e1 H128/4e0 D64/2e3",
-    2048: "H256/8e3 H256/4e3 H256/4e0 H512/8e3 H128/4e3",
-    8192: "H512/8e3 H512/4e3 H512/16e3 H1024/16e3 H256/8e3",
-    32768: "H2048/16e3 H1024/8e3 H1024/16e3 H4096/16e3 H512/8e3",
+    1: "D32/1e3 D64/2e3 D32/1e0 W32/1e3",
+    16: "D32/1e3 D64/2e3 W32/1e3",
+    128: "D64/2e3 D32/1e3 W64/2e3 W32/1e3",
+    512: "W128/4e3 H128/4e3 W64/2e3 W256/8e3 W128/4e1 D64/2e3",
+    2048: "H128/4e3 H256/8e3 H256/4e3 W256/8e3 W128/4e3",
+    8192: "H512/8e3 H256/8e3 H256/4e3 H1024/8e3",
+    32768: "H1024/8e3 H2048/16e3 H512/8e3 H1024/16e3",
 }
-_MODES = {"D": 0, "H": 1}
+_MODES = {"D": 0, "H": 1, "W": 2}
 
 
 def parse_config(text: str):
@@ -209,7 +209,7 @@ def sweep_configs(args, slots: int) -> list[dict]:
                 )
 
             # correctness on one layer against the fallback, on fresh counters
-            c_tri = torch.zeros_like(rec.counters)
+            c_tri = ExpertLoadRecorder(view).counters  # the recorder's strided layout
             c_ref = torch.zeros_like(rec.counters)
             o_tri = _triton.map_and_record_triton(
                 topk[3], view.replica_table, c_tri, rec.flag, 3, config=cfg

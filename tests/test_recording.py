@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker_agent.recording import ExpertLoadRecorder, LoadDelta, PlacementView, Snapshotter
+from worker_agent.recording._reference import map_and_record_torch, record_counts_torch
 from worker_agent.recording.placement import derive_maps
 
 
@@ -315,6 +316,7 @@ def test_counters_are_int64_and_do_not_wrap_at_2_31():
     view = PlacementView(np.array([[0, 1]]), 2)
     rec = ExpertLoadRecorder(view)
     assert rec.counters.dtype == torch.int64
+    assert rec.counters.is_contiguous()  # the one-line-per-counter layout is for CUDA only
     snap = Snapshotter(rec)
     rec.counters[0, 0] = 2**31 - 2
     snap.capture(1)
@@ -323,6 +325,26 @@ def test_counters_are_int64_and_do_not_wrap_at_2_31():
     first, second = snap.collect()
     assert first.counts[0, 0] == 2**31 - 2 and second.counts[0, 0] == 5
     assert rec.counters[0, 0].item() == 2**31 + 3
+
+
+def test_fallback_on_strided_counters():
+    """On CUDA without Triton the fallback gets the recorder's strided counters (one 128-byte line
+    per counter): same counts as on contiguous ones, and the gaps are never written."""
+    gen = np.random.default_rng(7)
+    phy2log = np.stack(
+        [gen.permutation(np.concatenate([np.arange(6), [0, 0, 3]])) for _ in range(2)]
+    )
+    view = PlacementView(phy2log, 6)
+    flag = torch.ones(1, dtype=torch.int32)
+    buf = torch.full((2, 9, 16), -7, dtype=torch.int64)
+    strided, dense = buf[:, :, 0], torch.zeros(2, 9, dtype=torch.int64)
+    strided.zero_()
+    ids = torch.from_numpy(gen.integers(-1, 6, size=(40, 3)))
+    for counters in (strided, dense):
+        out = map_and_record_torch(ids, view.replica_table, counters, flag, 1)
+        record_counts_torch(torch.arange(4), counters, flag, 0, 5)
+    assert torch.equal(strided, dense) and int(dense[1].sum()) == int((ids >= 0).sum())
+    assert out.shape == (40, 3) and bool((buf[:, :, 1:] == -7).all())
 
 
 def test_non_contiguous_ids():

@@ -12,6 +12,7 @@ import torch
 
 from worker_agent.recording import ExpertLoadRecorder, LoadDelta, PlacementView, Snapshotter
 from worker_agent.recording._reference import map_and_record_torch, record_counts_torch
+from worker_agent.recording.recorder import COUNTER_STRIDE
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,32 +63,60 @@ CASES = [
     (2, 160, 160, 999, 9, torch.int32),
     (2, 32, 64, 100000, 2, torch.int64),
     (2, 512, 600, 777, 16, torch.int64),
+    (2, 64, 72, 300, 16, torch.int32),  # COUNT_WARP with top-16
+    (3, 16, 20, 200, 6, torch.int64),  # COUNT_WARP, few slots: most lanes of a warp match
 ]
+
+
+def strided_counters(layers: int, slots: int, stride: int) -> torch.Tensor:
+    """``[L, P]`` random counters, ``stride`` int64 apart (the recorder's layout for 16); the
+    gaps hold a sentinel that no kernel may touch."""
+    buf = torch.full((layers, slots, stride), -7, dtype=torch.int64, device="cuda")
+    out = buf[:, :, 0]
+    out.copy_(torch.randint(0, 2**40, (layers, slots), device="cuda"))
+    return out
+
+
+def gaps_untouched(counters: torch.Tensor) -> bool:
+    stride = counters.stride(1)
+    if stride == 1:
+        return True
+    buf = torch.as_strided(counters, (*counters.shape, stride), (*counters.stride(), 1))
+    return bool((buf[:, :, 1:] == -7).all())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "L{}E{}P{}T{}K{}{}".format(*c[:5], c[5]))
 @pytest.mark.parametrize("enabled", [1, 0])
-def test_triton_equals_fallback_bit_for_bit(case, enabled):
+@pytest.mark.parametrize("stride", [1, COUNTER_STRIDE])
+def test_triton_equals_fallback_bit_for_bit(case, enabled, stride):
     layers, experts, slots, tokens, top_k, dtype = case
     gen = np.random.default_rng(tokens + slots)
     view = PlacementView(random_placement(gen, layers, experts, slots), experts, device="cuda")
     ids = random_topk(tokens, experts, top_k, dtype, invalid=0.02, seed=tokens)
-    start = torch.randint(0, 2**40, (layers, slots), device="cuda")
+    start = strided_counters(layers, slots, stride)
     flag = torch.tensor([enabled], dtype=torch.int32, device="cuda")
     layer = layers - 1
-    c_tri, c_ref = start.clone(), start.clone()
+    c_tri, c_ref = start, start.clone()
+    before = start.clone()
     out_tri = _triton().map_and_record_triton(ids, view.replica_table, c_tri, flag, layer)
     out_ref = map_and_record_torch(ids, view.replica_table, c_ref, flag, layer)
     assert out_tri.dtype == torch.int64 and out_tri.shape == (tokens, top_k)
     assert torch.equal(out_tri, out_ref)
     assert torch.equal(c_tri, c_ref)
-    assert int((c_tri - start).sum()) == enabled * int((ids >= 0).sum())
+    assert gaps_untouched(c_tri)
+    assert int((c_tri - before).sum()) == enabled * int((ids >= 0).sum())
+
+
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 64))
 
 
 def _config_cases():
     cases = []
-    for mode in (0, 1):
+    for mode in (0, 1, 2):
         for block in (16, 32, 64, 256, 512, 4096):
+            if mode == 2 and block < 32 * _warps(block):
+                continue  # refused, see test_warp_mode_needs_a_lane_per_pair
             for eager in (0, 1, 3):
                 cases.append((block, mode, eager, 288))
             cases.append((block, mode, 3, 600))  # 512 + 128 bins
@@ -106,21 +135,48 @@ def test_every_launch_config(case):
         random_placement(np.random.default_rng(1), 2, experts, slots), experts, device="cuda"
     )
     ids = random_topk(1000, experts, 8, torch.int64, invalid=0.01, seed=block)
-    c_tri = torch.randint(0, 2**40, (2, slots), device="cuda")
+    c_tri = strided_counters(2, slots, COUNTER_STRIDE)
     c_ref = c_tri.clone()
     flag = torch.ones(1, dtype=torch.int32, device="cuda")
-    cfg = tri.LaunchConfig(block, max(1, min(16, block // 64)), mode, eager)
+    cfg = tri.LaunchConfig(block, _warps(block), mode, eager)
     out = tri.map_and_record_triton(ids, view.replica_table, c_tri, flag, 1, config=cfg)
     assert torch.equal(out, map_and_record_torch(ids, view.replica_table, c_ref, flag, 1))
     assert torch.equal(c_tri, c_ref)
+    assert gaps_untouched(c_tri)
+
+
+def test_warp_mode_needs_a_lane_per_pair():
+    """Fewer pairs than threads would put one pair in several lanes: refused, nothing counted."""
+    tri = _triton()
+    view = PlacementView(random_placement(np.random.default_rng(3), 1, 16, 24), 16, device="cuda")
+    ids = random_topk(50, 16, 4, torch.int64)
+    counters = torch.zeros(1, 24, dtype=torch.int64, device="cuda")
+    flag = torch.ones(1, dtype=torch.int32, device="cuda")
+    for block, warps in ((16, 1), (64, 4)):
+        with pytest.raises(ValueError, match="block >= 32 \\* num_warps"):
+            tri.map_and_record_triton(
+                ids,
+                view.replica_table,
+                counters,
+                flag,
+                0,
+                config=tri.LaunchConfig(block, warps, tri.COUNT_WARP, 3),
+            )
+    assert int(counters.sum()) == 0
 
 
 def test_launch_config_covers_sizes():
     tri = _triton()
-    for n in (1, 7, 8, 100, 1024, 1025, 4096, 65536, 262144, 10**6):
-        cfg = tri.launch_config(n, 132)
-        assert cfg.block & (cfg.block - 1) == 0 and 1 <= cfg.num_warps <= 16
-        assert cfg.mode in (tri.COUNT_DIRECT, tri.COUNT_HIST) and cfg.eager in (0, 1, 3)
+    for n in (1, 7, 8, 100, 1024, 1025, 4096, 8448, 8449, 65536, 262144, 10**6):
+        for warp_match in (True, False):
+            cfg = tri.launch_config(n, 132, warp_match=warp_match)
+            assert cfg.block & (cfg.block - 1) == 0 and 1 <= cfg.num_warps <= 16
+            assert cfg.mode in (tri.COUNT_DIRECT, tri.COUNT_HIST, tri.COUNT_WARP)
+            assert cfg.eager in (0, 1, 3)
+            if cfg.mode == tri.COUNT_WARP:
+                assert warp_match and cfg.block >= 32 * cfg.num_warps
+    assert tri.launch_config(4096, 132).mode == tri.COUNT_WARP  # 512 tokens, top-8
+    assert tri.launch_config(4096, 132, warp_match=False).mode == tri.COUNT_HIST
     assert tri.split_bins(288) == (256, 32) and tri.split_bins(256) == (256, 0)
     assert tri.split_bins(600) == (512, 128) and tri.split_bins(260) == (256, 32)
     assert tri.split_bins(20) == (32, 0) and tri.split_bins(33) == (32, 32)
@@ -134,6 +190,9 @@ def test_empty_and_record_counts():
         out = rec.map_and_record(1, torch.empty(0, 8, dtype=dtype, device="cuda"))
         assert out.shape == (0, 8) and out.dtype == torch.int64
     assert int(rec.counters.sum()) == 0
+    # one 128-byte line per counter; record_counts must respect the strides
+    assert rec.counters.shape == (3, 24)
+    assert rec.counters.stride() == (24 * COUNTER_STRIDE, COUNTER_STRIDE)
     ref = torch.zeros_like(rec.counters)
     flag = torch.ones(1, dtype=torch.int32, device="cuda")
     for layer, n, offset, dtype in [

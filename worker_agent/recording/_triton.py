@@ -2,7 +2,8 @@
 
 ``map_and_record`` maps logical expert ids to physical slots and counts them in one launch.
 Shapes: ``topk_ids [T, K]`` (int32 or int64) -> ``out [T, K]`` int64; ``replica_table [L, E, W]``
-int32 with ``W = 2 + P - E`` (``[count, replica slots...]`` per expert); ``counters [L, P]`` int64.
+int32 with ``W = 2 + P - E`` (``[count, replica slots...]`` per expert); ``counters [L, P]`` int64,
+any strides (the recorder's keep one 128-byte line per counter, see ``COUNTER_STRIDE``).
 Each program maps ``BLOCK`` consecutive (token, k) pairs (flat index ``i``, token ``i // K``):
 
 1. Reads: its ids, token 0's ids (the rotation ``s``), the device flag; then, for each pair, the
@@ -10,10 +11,12 @@ Each program maps ``BLOCK`` consecutive (token, k) pairs (flat index ``i``, toke
 2. Replica ``(t + s) % count``; the slot comes from the batch, or from one more (dependent) read
    when the replica index is ``>= EAGER``. The int64 ids are stored.
 3. Counting, when the flag is set. ``COUNT_DIRECT``: one relaxed ``RED`` per pair (small inputs,
-   where a block has almost no repeated slot). ``COUNT_HIST``: a shared-memory histogram
-   (``tl.histogram``: warp ballots, then shared-memory atomics across warps) over two
-   power-of-two bin ranges that cover ``P`` (288 = 256 + 32: nine bins per lane instead of the
-   sixteen of a 512-bin histogram), then one ``RED`` per (program, non-empty slot).
+   where a block has almost no repeated slot). ``COUNT_WARP``: the lanes of a warp holding the same
+   slot find each other (``match.any``) and the lowest of them adds their number: one ``RED`` per
+   (warp, slot), no shared memory, no barrier (mid-sized inputs, NVIDIA only). ``COUNT_HIST``: a
+   shared-memory histogram (``tl.histogram``: warp ballots, then shared-memory atomics across
+   warps) over two power-of-two bin ranges that cover ``P`` (288 = 256 + 32: nine bins per lane
+   instead of the sixteen of a 512-bin histogram), then one ``RED`` per (program, non-empty slot).
 
 All index arithmetic is int32 (``PlacementView``/``ExpertLoadRecorder`` check that the table and
 the counters fit); only the ids' range check and the stored slots are 64-bit.
@@ -26,11 +29,13 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__ = ["LaunchConfig", "launch_config", "map_and_record_triton", "record_counts_triton"]
 
 COUNT_DIRECT = 0  # one RED per valid pair
 COUNT_HIST = 1  # split shared-memory histogram, one RED per (program, non-empty slot)
+COUNT_WARP = 2  # match.any within each warp, one RED per (warp, slot); NVIDIA only
 
 
 class LaunchConfig(NamedTuple):
@@ -38,7 +43,7 @@ class LaunchConfig(NamedTuple):
 
     block: int  # (token, k) pairs per program, a power of two
     num_warps: int
-    mode: int  # COUNT_DIRECT or COUNT_HIST
+    mode: int  # COUNT_DIRECT, COUNT_HIST or COUNT_WARP (needs block >= 32 * num_warps)
     eager: int  # replica slots read together with the count: 0, 1 or 3
 
 
@@ -84,11 +89,36 @@ def _map_ids(
 
 
 @triton.jit
-def _flush(base, hist, first, NBINS: tl.constexpr, num_slots):
+def _flush(base, stride, hist, first, NBINS: tl.constexpr, num_slots):
     # one RED per non-empty bin; bins past the last slot are always empty
     bins = first + tl.arange(0, NBINS)
     tl.atomic_add(
-        base + bins, hist.to(tl.int64), mask=(hist > 0) & (bins < num_slots), sem="relaxed"
+        base + bins * stride,
+        hist.to(tl.int64),
+        mask=(hist > 0) & (bins < num_slots),
+        sem="relaxed",
+    )
+
+
+@triton.jit
+def _lane_id(like):
+    # the lane of the thread holding each element (PTX %laneid)
+    return tl.inline_asm_elementwise(
+        "mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _peers(slot):
+    # lanes of this warp whose element holds the same value (sm_70+). Every lane of the warp runs
+    # it together: the caller is not under divergent control flow (the flag branch is uniform).
+    return tl.inline_asm_elementwise(
+        "match.any.sync.b32 $0, $1, 0xffffffff;",
+        "=r,r",
+        [slot],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
     )
 
 
@@ -97,7 +127,7 @@ def _map_and_record_kernel(
     ids_ptr,  # [T*K] int32 or int64, logical expert ids
     out_ptr,  # [T*K] int64, physical slot ids (-1 for invalid ids)
     table_ptr,  # [L, E, W] int32: [count, replica slots...] per expert
-    counters_ptr,  # [L, P] int64
+    counters_ptr,  # [L, P] int64, strides (stride_layer, stride_slot)
     flag_ptr,  # [1] int32, counting on when != 0
     zero,  # 0, passed at run time (see _map_ids)
     n,  # T*K
@@ -105,6 +135,8 @@ def _map_and_record_kernel(
     num_experts,
     num_slots,
     table_width,
+    stride_layer,
+    stride_slot,
     TOP_K: tl.constexpr,
     SEED_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -125,15 +157,27 @@ def _map_and_record_kernel(
     )
     tl.store(out_ptr + offs, slot.to(tl.int64), mask=in_range)
     if flag != 0:
-        base = counters_ptr + layer * num_slots
+        base = counters_ptr + layer * stride_layer
         if COUNT == 0:
-            tl.atomic_add(base + slot, tl.full([BLOCK], 1, tl.int64), mask=valid, sem="relaxed")
+            tl.atomic_add(
+                base + slot * stride_slot, tl.full([BLOCK], 1, tl.int64), mask=valid, sem="relaxed"
+            )
+        elif COUNT == 2:
+            # invalid pairs (slot -1) match each other but never count
+            peers = _peers(slot)
+            leader = (peers & -peers) == (1 << _lane_id(slot))
+            tl.atomic_add(
+                base + slot * stride_slot,
+                libdevice.popc(peers).to(tl.int64),
+                mask=valid & leader,
+                sem="relaxed",
+            )
         else:
             hist_lo = tl.histogram(slot, BINS_LO, mask=valid & (slot < BINS_LO))
-            _flush(base, hist_lo, 0, BINS_LO, num_slots)
+            _flush(base, stride_slot, hist_lo, 0, BINS_LO, num_slots)
             if BINS_HI > 0:
                 hist_hi = tl.histogram(slot - BINS_LO, BINS_HI, mask=valid & (slot >= BINS_LO))
-                _flush(base, hist_hi, BINS_LO, BINS_HI, num_slots)
+                _flush(base, stride_slot, hist_hi, BINS_LO, BINS_HI, num_slots)
 
 
 @triton.jit
@@ -142,7 +186,8 @@ def _record_counts_kernel(
     counters_ptr,  # [L, P] int64
     flag_ptr,  # [1] int32
     n,
-    base,  # layer * P + slot_offset
+    base,  # layer * stride_layer + slot_offset * stride_slot
+    stride_slot,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -150,26 +195,28 @@ def _record_counts_kernel(
     flag = tl.load(flag_ptr)
     if flag != 0:
         val = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int64)
-        tl.atomic_add(counters_ptr + base + offs, val, mask=mask & (val != 0), sem="relaxed")
+        tl.atomic_add(
+            counters_ptr + base + offs * stride_slot, val, mask=mask & (val != 0), sem="relaxed"
+        )
 
 
-# Tuned on an H100 (132 SMs) with `benchmarks/recording.py --sweep`; see
-# docs/decisions/0003-recorder-counters.md.
+# Tuned on an H100 (132 SMs) with `benchmarks/recording.py --sweep`, counters one 128-byte line
+# apart; see docs/decisions/0003-recorder-counters.md.
 _EAGER = 3  # [count, r0, r1, r2]: one table round trip for experts with up to 3 replicas
 
 
-def launch_config(n: int, num_sms: int) -> LaunchConfig:
+def launch_config(n: int, num_sms: int, *, warp_match: bool = True) -> LaunchConfig:
     """Launch configuration for ``n`` (token, k) pairs on a GPU with ``num_sms`` SMs.
 
     - ``n <= 1024`` (128 tokens at top-8): direct REDs, 32 pairs per 1-warp program up to 256
       pairs, then 64 pairs per 2-warp program. A block this small spread over hundreds of slots
-      has almost no repeated slot, and the histogram's latency (~0.3 us) is not worth paying.
-    - beyond: the split histogram with one RED per (program, non-empty slot). At most about one
-      program per SM, since the REDs of all programs funnel into the ``P`` counters of one layer
-      (18 cache lines at P=288) and their number grows with the programs; blocks of 128 pairs at
-      least (at 512 tokens 128 pairs / 4 warps, half a program per SM, beat 64 / 2 by
-      0.04-0.07 us in every one of 16 sweeps), and one or two pairs per thread (more warps
-      hide the ballot/popcount latency) until the blocks reach 512 pairs, then 16 warps.
+      has few repeated slots, and any aggregation's latency is not worth paying.
+    - up to about 64 pairs per SM (512 tokens on an H100): ``COUNT_WARP`` in 128-pair, 4-warp
+      programs. Hot slots repeat across the block, so one RED per pair would queue on their
+      counters, while the shared-memory histogram's ballots and barriers cost ~0.37 us here
+      (more than the REDs it saves). ``warp_match=False`` (not NVIDIA) uses the histogram.
+    - beyond: the split histogram, one RED per (program, non-empty slot); 128-pair programs up to
+      256 pairs per SM, then 512 and 1024 pairs with 8 warps.
     """
     if n <= 256:
         return LaunchConfig(32, 1, COUNT_DIRECT, _EAGER)
@@ -177,12 +224,12 @@ def launch_config(n: int, num_sms: int) -> LaunchConfig:
         return LaunchConfig(64, 2, COUNT_DIRECT, _EAGER)
     per_sm = -(-n // max(num_sms, 1))
     if per_sm <= 64:
-        return LaunchConfig(128, 4, COUNT_HIST, _EAGER)
+        return LaunchConfig(128, 4, COUNT_WARP if warp_match else COUNT_HIST, _EAGER)
     if per_sm <= 256:
-        return LaunchConfig(256, 8, COUNT_HIST, _EAGER)
+        return LaunchConfig(128, 4, COUNT_HIST, _EAGER)
     if per_sm <= 512:
         return LaunchConfig(512, 8, COUNT_HIST, _EAGER)
-    return LaunchConfig(min(triton.next_power_of_2(per_sm), 4096), 16, COUNT_HIST, _EAGER)
+    return LaunchConfig(1024, 8, COUNT_HIST, _EAGER)
 
 
 def split_bins(num_slots: int) -> tuple[int, int]:
@@ -211,9 +258,19 @@ def map_and_record_triton(
     if n == 0:
         return out
     num_slots = counters.shape[1]
+    nvidia = torch.version.hip is None
     if config is None:
         sms = torch.cuda.get_device_properties(ids.device).multi_processor_count
-        config = launch_config(n, sms)
+        config = launch_config(n, sms, warp_match=nvidia)
+    if config.mode == COUNT_WARP:
+        if not nvidia:
+            raise ValueError("COUNT_WARP uses NVIDIA PTX (match.any); use COUNT_HIST here")
+        if config.block < 32 * config.num_warps:
+            # fewer pairs than threads would replicate pairs across lanes and count them twice
+            raise ValueError(
+                f"COUNT_WARP needs block >= 32 * num_warps, got {config.block} pairs for "
+                f"{config.num_warps} warps"
+            )
     bins_lo, bins_hi = split_bins(num_slots)
     top_k = ids.shape[1]
     _map_and_record_kernel[(triton.cdiv(n, config.block),)](
@@ -228,6 +285,8 @@ def map_and_record_triton(
         replica_table.shape[1],
         num_slots,
         replica_table.shape[2],
+        counters.stride(0),
+        counters.stride(1),
         TOP_K=top_k,
         SEED_BLOCK=max(2, triton.next_power_of_2(top_k)),
         BLOCK=config.block,
@@ -259,7 +318,8 @@ def record_counts_triton(
         counters,
         enabled,
         n,
-        layer * counters.shape[1] + slot_offset,
+        layer * counters.stride(0) + slot_offset * counters.stride(1),
+        counters.stride(1),
         BLOCK=block,
         num_warps=max(1, min(4, block // 32)),
     )

@@ -1,8 +1,10 @@
 """ExpertLoadRecorder: monotonic per-slot load counters ``[L, P]`` of one rank, on its device.
 
-Counters are int64 and only ever increase (see docs/decisions/0003-recorder-counters.md). Nothing
-here synchronizes with the host: the enable flag is a device tensor read by the kernels, and the
-only host-side checks are on shapes, dtypes and Python ints.
+Counters are int64 and only ever increase (see docs/decisions/0003-recorder-counters.md). On CUDA
+each counter has its own 128-byte line (``COUNTER_STRIDE``): the atomics of one layer then spread
+over ``P`` lines of the L2 instead of queueing on ``P / 16``. Nothing here synchronizes with the
+host: the enable flag is a device tensor read by the kernels, and the only host-side checks are on
+shapes, dtypes and Python ints.
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ from worker_agent.recording.ops import (
 )
 from worker_agent.recording.placement import PlacementView
 
-__all__ = ["ExpertLoadRecorder"]
+__all__ = ["COUNTER_STRIDE", "ExpertLoadRecorder"]
 
 Backend = Literal["auto", "triton", "torch"]
 _ID_DTYPES = (torch.int32, torch.int64)
+# int64 elements from one slot's counter to the next on CUDA: one 128-byte L2 line per counter,
+# so that atomics on different slots do not queue on a shared line. Measured on an H100 (decision
+# 0003, best launch configuration per layout): 512 tokens 2.03 -> 1.82 us, 32768 6.2 -> 5.6 us.
+COUNTER_STRIDE = 16
+
+
+def _counter_buffer(layers: int, slots: int, device: torch.device) -> torch.Tensor:
+    """``[L, P]`` int64 zeros; on CUDA a view with strides ``(P * COUNTER_STRIDE, COUNTER_STRIDE)``
+    into an ``[L, P, COUNTER_STRIDE]`` buffer (the view keeps it alive)."""
+    stride = COUNTER_STRIDE if device.type == "cuda" else 1
+    return torch.zeros(layers, slots, stride, dtype=torch.int64, device=device)[:, :, 0]
 
 
 class ExpertLoadRecorder:
@@ -36,14 +49,16 @@ class ExpertLoadRecorder:
             ``"torch"``.
 
     Attributes:
-        counters: ``[L, P]`` int64 device tensor, monotonic, never reset by the forward pass.
+        counters: ``[L, P]`` int64 device tensor, monotonic, never reset by the forward pass;
+            fixed address; on CUDA not contiguous (one 128-byte line per counter).
         backend: the backend in use, ``"triton"`` or ``"torch"``.
     """
 
     def __init__(self, view: PlacementView, *, backend: Backend = "auto") -> None:
         self.view = view
         device = view.device
-        if view.num_layers * view.num_experts * view.max_replicas >= 2**31:
+        table = view.num_experts * view.max_replicas
+        if view.num_layers * max(table, view.num_slots * COUNTER_STRIDE) >= 2**31:
             raise ValueError("placement too large for 32-bit kernel indexing")
         if backend == "auto":
             use_triton = device.type == "cuda" and triton_available()
@@ -57,9 +72,7 @@ class ExpertLoadRecorder:
             raise ValueError(f"unknown backend {backend!r}")
         self._use_triton = use_triton
         self.backend: str = "triton" if use_triton else "torch"
-        self.counters = torch.zeros(
-            view.num_layers, view.num_slots, dtype=torch.int64, device=device
-        )
+        self.counters = _counter_buffer(view.num_layers, view.num_slots, device)
         self._flag = torch.ones(1, dtype=torch.int32, device=device)
         self._enabled = True
 

@@ -117,7 +117,8 @@ class Snapshotter:
             return _Buffers(torch.empty(counters.shape, dtype=torch.int64))
         return _Buffers(
             host=torch.empty(counters.shape, dtype=torch.int64, pin_memory=True),
-            staging=torch.empty_like(counters),
+            # contiguous whatever the counters' strides: the cut gathers them into one block
+            staging=torch.empty(counters.shape, dtype=torch.int64, device=counters.device),
             ready=torch.cuda.Event(),
             done=torch.cuda.Event(enable_timing=self._timing),
         )
