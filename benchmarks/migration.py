@@ -49,7 +49,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eplb_engine.launch import spawn_ranks
-from worker_agent.migration import ExpertWeights
+from worker_agent.migration import ExpertWeights, migration_group
 from worker_agent.transfers import plan_transfers
 
 MiB = 1 << 20
@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one copy_ per byte range (ExpertWeights(batched_copies=False))")
     p.add_argument("--in-flight", type=int, default=1,
                    help="groups queued on the GPU (ExpertWeights(groups_in_flight=N))")
+    p.add_argument("--copy-programs", type=int, default=None,
+                   help="programs of a copy beside a transfer (ExpertWeights(copy_programs=N)); "
+                        "default: 'auto'; 0: uncapped")
+    p.add_argument("--migration-group", choices=("dedicated", "engine"), default="dedicated",
+                   help="migrate on worker_agent.migration.migration_group() (NCCL: its own "
+                        "high-priority communicator; default) or on the engine's group")
     p.add_argument("--group-mib", type=int, default=None,
                    help="bytes received per group of layers (migrate(group_bytes=N MiB))")
     p.add_argument("--phases", action="store_true",
@@ -139,7 +145,8 @@ def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
     weights = ExpertWeights(slots, tracer=tracer,
                             side_stream_packing=not args.caller_stream_packing,
                             batched_copies=not args.unbatched_copies,
-                            groups_in_flight=args.in_flight)
+                            groups_in_flight=args.in_flight,
+                            copy_programs=_copy_programs(args))
     for layer in range(layers):
         weights.register_layer(layer, {
             name: torch.full((slots, hidden, ffn), (rank * 7 + layer) % 251, dtype=torch.uint8,
@@ -147,6 +154,12 @@ def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
             for name in ("w1", "w2", "w3")
         })
     return weights
+
+
+def _copy_programs(args: argparse.Namespace) -> int | str | None:
+    if args.copy_programs is None:
+        return "auto"
+    return args.copy_programs or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +182,9 @@ class _Flip:
 
     def __init__(self, weights: ExpertWeights, old: np.ndarray, new: np.ndarray,
                  world: int, group_bytes: int | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, group: Any = None) -> None:
         self.weights = weights
+        self.group = group
         self.group_bytes = group_bytes
         self.timeout_s = timeout_s
         self.plans = (plan_transfers(old, new, world), plan_transfers(new, old, world))
@@ -180,11 +194,11 @@ class _Flip:
         # The rollout path verifies a plan once (MigratingSwitcher's first step); these are
         # verified here, untimed, for the `verified` measurements.
         for plan in self.plans:
-            assert not weights.preflight(plan)
+            assert not weights.preflight(plan, group=self.group)
 
     def one_layer(self, preflight: bool = True) -> None:
-        self.weights.migrate_layer(0, self.plans[self.layer0][0], preflight=preflight,
-                                   timeout_s=self.timeout_s)
+        self.weights.migrate_layer(0, self.plans[self.layer0][0], self.group,
+                                   preflight=preflight, timeout_s=self.timeout_s)
         self.layer0 ^= 1
 
     def one_layer_verified(self) -> None:
@@ -193,7 +207,7 @@ class _Flip:
     def all_layers(self, preflight: bool = True) -> None:
         if self.layer0 != self.rest:
             self.one_layer()  # untimed alignment happens only between measurements
-        report = self.weights.migrate(self.plans[self.rest], preflight=preflight,
+        report = self.weights.migrate(self.plans[self.rest], self.group, preflight=preflight,
                                       group_bytes=self.group_bytes, timeout_s=self.timeout_s)
         assert not report.failed, report.failed
         self.layer0 ^= 1
@@ -210,7 +224,7 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
     for moves in args.moves:
         weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank, args)
         flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world,
-                     _group_bytes(args), _timeout(args))
+                     _group_bytes(args), _timeout(args), args.migration_pg)
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
         t_layer_v = _median(flip.one_layer_verified, device, args.iters, args.warmup)
         if flip.layer0 != flip.rest:
@@ -302,7 +316,8 @@ def _rebalance(rank: int, world: int, args: argparse.Namespace, device: torch.de
 
 def _all_at_once(weights: ExpertWeights, plan: Any, args: argparse.Namespace) -> None:
     """Every changed layer of ``plan`` in one verified call (the rollout path's one step)."""
-    _checked(weights, plan, list(plan.changed_layers), None, _group_bytes(args), _timeout(args))
+    _checked(weights, plan, list(plan.changed_layers), None, _group_bytes(args), _timeout(args),
+             args.migration_pg)
 
 
 def _pause(rank: int, world: int, args: argparse.Namespace,
@@ -322,8 +337,8 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
                 # The rollout path: the first step verifies every layer (one pre-flight).
                 first = list(plan.changed_layers) if lo == 0 else None
                 step_pauses.append(_timed(
-                    lambda ls=layers, p=plan, f=first: _checked(weights, p, ls, f,
-                                                                _group_bytes(args), _timeout(args)),
+                    lambda ls=layers, p=plan, f=first: _checked(
+                        weights, p, ls, f, _group_bytes(args), _timeout(args), args.migration_pg),
                     device))
             if rep:  # the first is warm-up
                 pauses.append(max(step_pauses))
@@ -355,10 +370,10 @@ def _timeout(args: argparse.Namespace) -> float | None:
 
 def _checked(weights: ExpertWeights, plan: Any, layers: list[int],
              verify: list[int] | None, group_bytes: int | None,
-             timeout_s: float | None) -> None:
+             timeout_s: float | None, group: Any = None) -> None:
     if verify is not None:
-        assert not weights.preflight(plan, layers=verify)
-    report = weights.migrate(plan, layers=layers, preflight=False, group_bytes=group_bytes,
+        assert not weights.preflight(plan, group, layers=verify)
+    report = weights.migrate(plan, group, layers=layers, preflight=False, group_bytes=group_bytes,
                              timeout_s=timeout_s)
     assert not report.failed, report.failed
 
@@ -416,7 +431,7 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
         weights = _build(layers, max(args.slots, moves), args.hidden, args.ffn, device, rank,
                          args, tracer=log)
         flip = _Flip(weights, *_ring_maps(layers, world, max(args.slots, moves), moves), world,
-                     _group_bytes(args), _timeout(args))
+                     _group_bytes(args), _timeout(args), args.migration_pg)
         for i in range(args.warmup + args.iters):
             log.on = i >= args.warmup
             _timed(flip.all_layers_verified, device)
@@ -542,6 +557,8 @@ def bench(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any] | N
     """Both measurements on this rank (torch.distributed is up); rank 0 returns the results."""
     device = (torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl"
               else torch.device("cpu"))
+    # Migrations run on this group; the `plain` baselines on the engine's (the world).
+    args.migration_pg = migration_group() if args.migration_group == "dedicated" else None
     throughput = [] if args.no_throughput else _throughput(rank, world, args, device)
     pause = _pause(rank, world, args, device)
     phases = _phases(rank, world, args, device) if args.phases else []
@@ -567,15 +584,23 @@ def bench(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any] | N
         "expert_bytes": 3 * args.hidden * args.ffn,
         "throughput": throughput,
         "pause": pause,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k != "migration_pg"},
     }
+
+
+def _copy_programs_text(cfg: dict[str, Any]) -> str:
+    value = cfg.get("copy_programs")
+    return "auto" if value is None else ("uncapped" if value == 0 else str(value))
 
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Command: `{res['command']}`  ",
         f"Backend {res['backend']}, {res['world_size']} ranks, {res['device']}, torch "
-        f"{res['torch']}, expert {res['expert_bytes'] / MiB:.1f} MiB (3 byte matrices).",
+        f"{res['torch']}, expert {res['expert_bytes'] / MiB:.1f} MiB (3 byte matrices). "
+        f"Migration group: {res['config']['migration_group']}; copy programs beside a "
+        f"transfer: {_copy_programs_text(res['config'])}.",
         "",
         "One layer per call, then `layers` layers per call; `ratio` = plain / migration for "
         "the same bytes. `verified`: without the pre-flight all-reduce, as `MigratingSwitcher` "

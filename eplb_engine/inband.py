@@ -18,7 +18,7 @@ import numpy as np
 from eplb_engine.ep import EngineHooks, EngineParts, RankContext
 from eplb_engine.model import MoEModel
 from worker_agent.agreement import AgreedSettings, TorchCollective, VersionAgreement
-from worker_agent.migration import ExpertWeights, MigratingSwitcher
+from worker_agent.migration import ExpertWeights, MigratingSwitcher, migration_group
 from worker_agent.plans import PlanBook, ReadyPlan
 from worker_agent.recording import ExpertLoadRecorder, PlacementView, Snapshotter
 
@@ -84,7 +84,8 @@ class InBandRollouts(EngineHooks):
         weights = ExpertWeights(phy2log.shape[1] // world_size)
         faults = {r.version: r.fault_layer for r in self.rollouts if r.fault_rank == rank}
         switcher = MigratingSwitcher(
-            weights, snapshotter, group=None, num_ranks=world_size, num_nodes=self.num_nodes,
+            weights, snapshotter, group=migration_group(), num_ranks=world_size,
+            num_nodes=self.num_nodes,
             timeout_s=self.timeout_s,
         )
         switcher.fault = _Fault(switcher, faults)

@@ -38,7 +38,7 @@ from eplb_engine.ep import EngineHooks, EngineParts, RankContext
 from eplb_engine.model import MoEModel
 from worker_agent.agent import EplbAgent
 from worker_agent.agreement import StepOutcome
-from worker_agent.migration import ExpertWeights, MigratingSwitcher
+from worker_agent.migration import ExpertWeights, MigratingSwitcher, migration_group
 from worker_agent.plans import ReadyPlan
 
 __all__ = ["Faults", "ServedAgents"]
@@ -212,6 +212,7 @@ class ServedAgents(EngineHooks):
     ) -> EngineParts:
         f = self.faults
         weights = ExpertWeights(phy2log.shape[1] // world_size)
+        group = migration_group()  # NCCL: its own high-priority communicator; gloo: the world
         delay = (_Delay(f.max_delay_s, f.seed * 1009 + rank)
                  if rank in f.delay_ranks and f.max_delay_s > 0 else None)
         stall = threading.Event() if f.stall_rank == rank else None
@@ -219,7 +220,7 @@ class ServedAgents(EngineHooks):
                  if f.fail_rank == rank and f.fail_versions else None)
 
         def switcher(agent: EplbAgent) -> MigratingSwitcher:
-            s = MigratingSwitcher(weights, agent.snapshotter, group=None, num_ranks=world_size,
+            s = MigratingSwitcher(weights, agent.snapshotter, group=group, num_ranks=world_size,
                                   num_nodes=self.num_nodes, timeout_s=self.timeout_s,
                                   fault=fault)
             if fault is not None:

@@ -31,16 +31,31 @@ def test_copies_every_range_with_copy_on_cpu() -> None:
     ByteCopier().run(ranges)
     assert torch.equal(dst, expected)
     ByteCopier().run([])  # nothing to do
+    ranges, dst, expected = _ranges(torch.device("cpu"), 1)
+    ByteCopier().run(ranges, max_programs=3)  # the cap only shapes the CUDA launch
+    assert torch.equal(dst, expected)
+
+
+def test_max_programs_must_be_positive() -> None:
+    ranges, dst, _ = _ranges(torch.device("cpu"), 0)
+    with pytest.raises(ValueError, match="max_programs"):
+        ByteCopier().run(ranges, max_programs=0)
+    assert not dst.any()  # refused before copying anything
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not batched_copy_available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("batched", [True, False])
-def test_one_launch_equals_copy_on_cuda(batched: bool) -> None:
+@pytest.mark.parametrize("max_programs", [None, 1, 3, 64, 10_000])
+def test_one_launch_equals_copy_on_cuda(batched: bool, max_programs: int | None) -> None:
+    """Every range copied whatever the grid: one program per chunk, a capped grid looping over
+    the chunks (1 program: all of them; 3: ranges split across programs), or a cap above the
+    number of chunks; ranges include empty-chunk tails and multi-chunk ranges."""
     copier = ByteCopier(batched=batched)
     device = torch.device("cuda")
     for seed in range(6):  # more launches than table slots: slots are reused
         ranges, dst, expected = _ranges(device, seed)
-        copier.run(ranges)
+        extra = [(dst, (3 << 20) - 4096, dst, 0, 0)] * 8  # empty aligned ranges: no chunk
+        copier.run(ranges + extra, max_programs=max_programs)
         torch.cuda.synchronize()
         assert torch.equal(dst, expected), seed

@@ -18,7 +18,13 @@ import torch
 
 from eplb_engine.launch import spawn_ranks
 from eplb_engine.placement import random_placement
-from worker_agent.migration import ExpertWeights, MigrationError, _Comm, _Status
+from worker_agent.migration import (
+    ExpertWeights,
+    MigrationError,
+    _Comm,
+    _Status,
+    migration_group,
+)
 from worker_agent.transfers import plan_transfers
 
 L, E, S = 3, 5, 3
@@ -47,8 +53,9 @@ def _device(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build(rank: int, phy2log: np.ndarray, in_flight: int = 1) -> ExpertWeights:
-    weights = ExpertWeights(S, groups_in_flight=in_flight)
+def build(rank: int, phy2log: np.ndarray, in_flight: int = 1,
+          copy_programs: int | str | None = "auto") -> ExpertWeights:
+    weights = ExpertWeights(S, groups_in_flight=in_flight, copy_programs=copy_programs)
     for layer in range(L):
         mine = phy2log[layer, rank * S:(rank + 1) * S]
         weights.register_layer(layer, {
@@ -82,19 +89,21 @@ def pointers(weights: ExpertWeights) -> list[int]:
 
 
 def _chain(rank: int, world: int, seed: int, hops: int, nodes: int,
-           in_flight: int = 1) -> dict[str, Any]:
+           in_flight: int = 1, copy_programs: int | str | None = "auto",
+           dedicated: bool = False) -> dict[str, Any]:
     rng = np.random.default_rng(seed)  # the same maps on every rank
     maps = [random_placement(rng, L, E, world * S) for _ in range(hops + 1)]
     maps[2][1] = maps[1][1]  # layer 1 does not change in the second hop
     maps.append(np.roll(maps[-1], S, axis=1))  # every rank takes its left neighbour's slots:
     # runs of consecutive source slots, sent as one op per tensor
-    weights = build(rank, maps[0], in_flight)
+    weights = build(rank, maps[0], in_flight, copy_programs)
+    group = migration_group() if dedicated else None
     before = pointers(weights)
     out: dict[str, Any] = {"bad": [], "failed": [], "bytes": 0, "copies": 0, "layers": []}
     for hop, (old, new) in enumerate(itertools.pairwise(maps)):
         plan = plan_transfers(old, new, world, nodes)
         # Odd hops: one layer per group (pipelined: a group commits while the next transfers).
-        report = weights.migrate(plan, group_bytes=1 if hop % 2 else None)
+        report = weights.migrate(plan, group, group_bytes=1 if hop % 2 else None)
         out["failed"].append(dict(report.failed))
         out["layers"].append(list(report.applied_layers))
         out["bad"].append(mismatches(weights, rank, new))
@@ -106,14 +115,14 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int,
     # The rollout path (MigratingSwitcher): one pre-flight for every layer, then migrations
     # of verified layers without one, a layer at a time.
     back = plan_transfers(maps[-1], maps[0], world, nodes)
-    out["verified"] = weights.preflight(back)
+    out["verified"] = weights.preflight(back, group)
     for layer in back.changed_layers:
-        weights.migrate(back, layers=[layer], preflight=False)
+        weights.migrate(back, group, layers=[layer], preflight=False)
     out["bad_verified"] = mismatches(weights, rank, maps[0])
-    weights.migrate(plan_transfers(maps[0], maps[-1], world, nodes))
+    weights.migrate(plan_transfers(maps[0], maps[-1], world, nodes), group)
     out["pointers_kept"] = pointers(weights) == before
     # An empty layer migrates as a no-op (every rank still makes the collectives).
-    stats = weights.migrate_layer(0, plan_transfers(maps[-1], maps[-1], world, nodes)[0])
+    stats = weights.migrate_layer(0, plan_transfers(maps[-1], maps[-1], world, nodes)[0], group)
     out["noop"] = (stats.transfers_received, stats.slots_written)
     return out
 
@@ -255,18 +264,38 @@ def test_random_migrations_move_exactly_the_new_map(world: int, nodes: int) -> N
     _check_chain(spawn_ranks(_chain, world, 11 + world, 3, nodes, timeout_s=90))
 
 
+def _groups(rank: int, world: int) -> list[bool]:
+    import torch.distributed as dist
+
+    sub = dist.new_group(list(range(world)))
+    out = [migration_group() is dist.group.WORLD, migration_group(sub) is sub]
+    dist.barrier(group=sub)  # both ranks connected the subgroup before either tears down
+    return out
+
+
+def test_migration_group_is_the_group_itself_off_nccl() -> None:
+    """Only NCCL gets a dedicated (high-priority) communicator; gloo migrates on the group."""
+    assert spawn_ranks(_groups, 2, timeout_s=60) == [[True, True], [True, True]]
+
+
 def test_failure_on_one_rank_leaves_the_layer_untouched_everywhere() -> None:
     _check_failures(spawn_ranks(_failures, 3, 5, timeout_s=90))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
-@pytest.mark.parametrize("in_flight", [1, 2])
-def test_random_migrations_over_nccl(in_flight: int) -> None:
+@pytest.mark.parametrize(("in_flight", "copy_programs", "dedicated"), [
+    (1, "auto", True), (2, "auto", False), (1, None, False), (1, 1, True), (2, 3, False),
+])
+def test_random_migrations_over_nccl(in_flight: int, copy_programs: int | str | None,
+                                     dedicated: bool) -> None:
     """The same chain over NCCL on 2 GPUs: packed regions, device votes, copy-stream commits,
-    one or two groups queued while the host commits the oldest."""
-    _check_chain(spawn_ranks(_chain, 2, 13, 3, 1, in_flight, backend="nccl",
-                             start_method="spawn", timeout_s=180))
+    one or two groups queued while the host commits the oldest; packs and commits beside a
+    transfer capped to a share of the SMs (default), uncapped, or capped to 1 or 3 programs
+    looping over every chunk; on the world group or on migration_group()'s own high-priority
+    communicator."""
+    _check_chain(spawn_ranks(_chain, 2, 13, 3, 1, in_flight, copy_programs, dedicated,
+                             backend="nccl", start_method="spawn", timeout_s=180))
 
 
 @pytest.mark.gpu
@@ -280,6 +309,9 @@ def test_failure_on_one_rank_over_nccl(in_flight: int) -> None:
 def test_groups_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="groups_in_flight"):
         ExpertWeights(S, groups_in_flight=0)
+    for bad in (0, -3, "fast", 2.5):
+        with pytest.raises(ValueError, match="copy_programs"):
+            ExpertWeights(S, copy_programs=bad)  # type: ignore[arg-type]
 
 
 def test_timeout_fails_every_rank_without_writing() -> None:

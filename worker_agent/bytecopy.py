@@ -6,9 +6,12 @@ small layers the host, not the GPU, sets the pace. A :class:`ByteCopier` runs a 
 ``(dst, dst_offset, src, src_offset, nbytes)`` over flat ``uint8`` tensors:
 
 - on CUDA with Triton, every range whose two addresses and length are multiples of 16 bytes
-  goes into one table ``[n, 3]`` int64 (source address, destination address, 16-byte words),
-  copied to the device from a reusable pinned buffer, and one kernel launch, where each program
-  copies one 128 KiB chunk of one range. Other ranges use ``copy_``;
+  goes into one table ``[n, 4]`` int64 (source address, destination address, 16-byte words,
+  first chunk), copied to the device from a reusable pinned buffer, and one kernel launch, where
+  each program copies one 128 KiB chunk of one range. Other ranges use ``copy_``. With
+  ``max_programs``, at most that many programs run, each looping over every ``max_programs``-th
+  chunk: a copy that runs beside a transfer then takes a bounded share of the GPU's SMs and
+  memory bandwidth instead of bursting over all of it (decision 0011, session 4);
 - with fewer than :data:`MIN_BATCH` ranges, on CPU, without Triton or with ``batched=False``:
   one ``copy_`` per range.
 
@@ -31,7 +34,8 @@ __all__ = ["ByteCopier", "CopyRange", "batched_copy_available"]
 CopyRange = tuple[torch.Tensor, int, torch.Tensor, int, int]
 
 _WORD = 16  # bytes per table unit
-_CHUNK_WORDS = 8192  # 128 KiB per program
+_CHUNK_WORDS = 8192  # 128 KiB per program (per loop step of a capped program)
+_COLS = 4  # source address, destination address, words, first chunk
 _SLOTS = 4  # tables in flight
 #: Fewer ranges than this run as ``copy_``: building and uploading the table and launching a
 #: Triton kernel costs more host time than a few ``copy_`` calls (measured on H200: a 3-range
@@ -40,8 +44,8 @@ MIN_BATCH = 8
 
 
 @functools.cache
-def _kernel() -> Any:
-    """The Triton kernel, or ``None`` when Triton is not importable."""
+def _kernels() -> Any:
+    """``(one program per chunk, capped grid)`` Triton kernels, or ``None`` without Triton."""
     try:
         import triton
         import triton.language as tl
@@ -49,15 +53,14 @@ def _kernel() -> Any:
         return None
 
     @triton.jit
-    def copy_ranges(table_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # Program (r, c) copies 16-byte words [c * CHUNK, (c + 1) * CHUNK) of range r, as
-        # int64 lanes (two per word).
-        r = tl.program_id(0)
-        start = tl.program_id(1).to(tl.int64) * CHUNK
-        words = tl.load(table_ptr + r * 3 + 2)
+    def _copy_chunk(table_ptr, r, chunk, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # 16-byte words [chunk * CHUNK, (chunk + 1) * CHUNK) of range r, as int64 lanes (two
+        # per word), BLOCK lanes per step
+        start = chunk.to(tl.int64) * CHUNK
+        words = tl.load(table_ptr + r * 4 + 2)
         if start < words:
-            src = tl.load(table_ptr + r * 3).to(tl.pointer_type(tl.int64))
-            dst = tl.load(table_ptr + r * 3 + 1).to(tl.pointer_type(tl.int64))
+            src = tl.load(table_ptr + r * 4).to(tl.pointer_type(tl.int64))
+            dst = tl.load(table_ptr + r * 4 + 1).to(tl.pointer_type(tl.int64))
             end = tl.minimum(start + CHUNK, words) * 2
             for i in range(0, CHUNK * 2, BLOCK):
                 offs = start * 2 + i + tl.arange(0, BLOCK)
@@ -65,12 +68,30 @@ def _kernel() -> Any:
                 mask = offs < end
                 tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
-    return copy_ranges
+    @triton.jit
+    def copy_ranges(table_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # program (r, c): chunk c of range r
+        _copy_chunk(table_ptr, tl.program_id(0), tl.program_id(1), CHUNK, BLOCK)
+
+    @triton.jit
+    def copy_ranges_capped(table_ptr, rows, chunks, programs, CHUNK: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        # program p: chunks p, p + programs, ... in table order. The range of chunk g is the
+        # last row whose first chunk is <= g; g only grows, so the row only moves forward.
+        r = tl.program_id(0) * 0  # an int32 scalar (loop-carried)
+        nxt = tl.load(table_ptr + 7, mask=rows > 1, other=chunks)  # row 1's first chunk
+        for g in range(tl.program_id(0), chunks, programs):
+            while nxt <= g:
+                r += 1
+                nxt = tl.load(table_ptr + (r + 1) * 4 + 3, mask=r + 1 < rows, other=chunks)
+            _copy_chunk(table_ptr, r, g - tl.load(table_ptr + r * 4 + 3), CHUNK, BLOCK)
+
+    return copy_ranges, copy_ranges_capped
 
 
 def batched_copy_available() -> bool:
     """Whether the one-launch path can run here (CUDA present and Triton importable)."""
-    return torch.cuda.is_available() and _kernel() is not None
+    return torch.cuda.is_available() and _kernels() is not None
 
 
 def _copy(r: CopyRange) -> None:
@@ -83,8 +104,8 @@ class _TableSlot:
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self.rows = rows
-        self.host = torch.empty((rows, 3), dtype=torch.int64, pin_memory=True)
-        self.device = torch.empty((rows, 3), dtype=torch.int64, device=device)
+        self.host = torch.empty((rows, _COLS), dtype=torch.int64, pin_memory=True)
+        self.device = torch.empty((rows, _COLS), dtype=torch.int64, device=device)
         self.event: Any = None
 
 
@@ -100,33 +121,49 @@ class ByteCopier:
         self._slots: list[_TableSlot | None] = [None] * _SLOTS
         self._next = 0
 
-    def run(self, ranges: list[CopyRange]) -> None:
-        """Queue every copy of ``ranges`` on the current stream."""
+    def run(self, ranges: list[CopyRange], max_programs: int | None = None) -> None:
+        """Queue every copy of ``ranges`` on the current stream. ``max_programs`` caps the
+        programs of the one-launch path (``None``: one per 128 KiB chunk)."""
         if not ranges:
             return
+        if max_programs is not None and max_programs < 1:
+            raise ValueError(f"max_programs must be >= 1 or None, got {max_programs}")
         device = ranges[0][0].device
-        kernel = _kernel() if self.batched and device.type == "cuda" else None
-        if kernel is None or len(ranges) < MIN_BATCH:
+        kernels = _kernels() if self.batched and device.type == "cuda" else None
+        if kernels is None or len(ranges) < MIN_BATCH:
             for r in ranges:
                 _copy(r)
             return
         slot = self._slot(len(ranges), device)
         table = slot.host.numpy()  # written in place: pinned, uploaded below
         rows = 0
+        chunks = 0  # chunks of the rows so far: the next row's first chunk
+        longest = 0
         for r in ranges:
             dst, do, src, so, n = r
             s_addr, d_addr = src.data_ptr() + so, dst.data_ptr() + do
             if (s_addr | d_addr | n) % _WORD:
                 _copy(r)  # unaligned: the plain path
                 continue
-            table[rows] = (s_addr, d_addr, n // _WORD)
+            words = n // _WORD
+            table[rows] = (s_addr, d_addr, words, chunks)
+            own = -(-words // _CHUNK_WORDS)
+            chunks += own
+            longest = max(longest, own)
             rows += 1
-        if not rows:
+        if not chunks:  # no aligned range, or only empty ones
             return
         dev = slot.device[:rows]
         dev.copy_(slot.host[:rows], non_blocking=True)
-        chunks = int(-(-int(table[:rows, 2].max()) // _CHUNK_WORDS))
-        kernel[(rows, chunks)](dev, CHUNK=_CHUNK_WORDS, BLOCK=1024, num_warps=4)
+        copy_ranges, copy_ranges_capped = kernels
+        if max_programs is None or max_programs >= chunks:
+            copy_ranges[(rows, longest)](dev, CHUNK=_CHUNK_WORDS, BLOCK=1024, num_warps=4)
+        else:
+            # few programs: each moves 64 KiB per step with 8 warps, to keep enough bytes in
+            # flight per SM (a 4-warp, 8 KiB step waits on memory latency)
+            copy_ranges_capped[(max_programs,)](
+                dev, rows, chunks, max_programs, CHUNK=_CHUNK_WORDS, BLOCK=8192, num_warps=8
+            )
         slot.event = torch.cuda.current_stream(device).record_event()
 
     def _slot(self, rows: int, device: torch.device) -> _TableSlot:
