@@ -14,6 +14,7 @@ from eplb_service.balance import evaluate
 from eplb_service.migration import summarize_migration
 from eplb_service.placement import Placement, Topology
 from eplb_service.policy import POLICIES, rebalance_experts
+from eplb_service.policy.incremental import Paths
 from eplb_service.policy.sticky import plan
 from tests.helpers import run_plan_cli
 
@@ -904,3 +905,168 @@ def test_noise_replan_stays_near_the_fresh_plan_on_average() -> None:
     spent = result.migration.fraction_changed >= sticky.POLISH_SLOTS * 0.9
     assert within or spent
     assert result.migration.fraction_changed <= 0.05
+
+
+def test_fewest_rewrite_swaps_chains_through_a_rewritten_slot() -> None:
+    """Two ranks above the target: the fewest-rewrites search relieves the second through the
+    slot it already rewrote on the first (3 rewrites); the gain-first search takes 4."""
+    from eplb_service.policy.packing import SwapCosts, fewest_rewrite_swaps, refine_swaps
+
+    load = np.array([[[2, 14], [21, 24], [5, 20], [17, 25], [21, 22], [25, 21]]], dtype=float)
+    item = np.arange(12).reshape(1, 6, 2)
+    target = np.array([43.5])  # ranks 5 (46) and 1 (45) are above it
+    costs = SwapCosts.in_service(item, 12, 1)
+    out_load, out_item, log = fewest_rewrite_swaps(load, item, target, costs)
+    assert log.changed.tolist() == [2, 3]
+    assert out_load.sum(axis=2).max() <= 43.5
+    assert int((out_item != item).sum()) == 3
+    _, _, gain_first = refine_swaps(load, item, target, costs=costs)
+    assert gain_first.changed[-1] == 4
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    num_rows=st.integers(1, 3),
+    num_ranks=st.integers(2, 6),
+    per_rank=st.integers(1, 4),
+    spare=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+    max_moves=st.sampled_from([1, 3, 64]),
+)
+def test_fewest_rewrite_swaps_logs_exact_valid_moves(
+    num_rows: int, num_ranks: int, per_rank: int, spare: int, seed: int, max_moves: int
+) -> None:
+    """Every logged swap replays to the result; after each, the log's rewritten slots,
+    arrivals and peak are exact (as ``choose_points`` and the budgets need them), the row's
+    peak never rises, no rank ever holds an expert twice, replica counts stay, at most
+    ``max_moves`` swaps per row, and the search is deterministic."""
+    from eplb_service.policy.packing import SwapCosts, fewest_rewrite_swaps
+
+    rng = np.random.default_rng(seed)
+    n = per_rank + spare
+    item = np.stack([
+        np.stack([rng.choice(n, per_rank, replace=False) for _ in range(num_ranks)])
+        for _ in range(num_rows)
+    ])  # [X, R, S], distinct experts per rank
+    counts = np.stack([np.bincount(row.ravel(), minlength=n) for row in item])
+    weight = rng.integers(1, 100, (num_rows, n)).astype(np.float64)
+    per = weight / np.maximum(counts, 1)
+    load = per[np.arange(num_rows)[:, None, None], item]
+    peak0 = load.sum(axis=2).max(axis=1)
+    target = peak0 * rng.uniform(0.7, 1.0, num_rows)
+    costs = SwapCosts.in_service(item, n, 2 if num_ranks % 2 == 0 else 1)
+    out_load, out_item, log = fewest_rewrite_swaps(load, item, target, costs,
+                                                   max_moves=max_moves)
+    again = fewest_rewrite_swaps(load, item, target, costs, max_moves=max_moves)
+    np.testing.assert_array_equal(again[1], out_item)
+    np.testing.assert_array_equal(again[2].slot_b, log.slot_b)
+    assert (np.bincount(log.row, minlength=num_rows) <= max_moves).all()
+    replay = item.copy().reshape(num_rows, -1)
+    held0 = [{(s // per_rank, int(e)) for s, e in enumerate(row)} for row in replay]
+    peak = peak0.copy()
+    for m in range(log.row.size):
+        x, a, b = log.row[m], log.slot_a[m], log.slot_b[m]
+        assert a // per_rank != b // per_rank
+        replay[x, a], replay[x, b] = replay[x, b], replay[x, a]
+        ranks = replay[x].reshape(num_ranks, per_rank)
+        assert all(np.unique(r).size == per_rank for r in ranks)
+        assert log.changed[m] == int((replay[x] != item[x].ravel()).sum())
+        held = {(s // per_rank, int(e)) for s, e in enumerate(replay[x])}
+        assert log.arrivals[m] == len(held - held0[x])
+        now = per[x][ranks].sum(axis=1).max()
+        np.testing.assert_allclose(log.peak[m], now)
+        assert now <= peak[x] * (1 + 1e-12)
+        peak[x] = now
+    np.testing.assert_array_equal(replay.reshape(item.shape), out_item)
+    np.testing.assert_allclose(out_load, per[np.arange(num_rows)[:, None, None], out_item])
+    np.testing.assert_array_equal(np.sort(out_item.reshape(num_rows, -1), axis=1),
+                                  np.sort(item.reshape(num_rows, -1), axis=1))
+
+
+def _doubles(item: np.ndarray) -> set[tuple[int, int, int]]:
+    """``[X, R, S]`` -> the (row, rank, expert) triples held more than once (fresh plans may
+    hold some; a replan must add none)."""
+    out = set()
+    for x, rank in np.ndindex(*item.shape[:2]):
+        experts, times = np.unique(item[x, rank], return_counts=True)
+        out |= {(x, rank, int(e)) for e in experts[times > 1]}
+    return out
+
+
+def _noise_replan(
+    share: float, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Paths, np.ndarray, np.ndarray, np.ndarray]:
+    """A noise-only replan on 16 ranks x 5 slots (DeepSeek-V3 EP64's shape, scaled down) with
+    ``KEEP_SHARE = share``; returns (paths, goal, weight, current)."""
+    from eplb_service.policy import incremental
+    from eplb_service.policy.fresh import plan_fresh
+    from eplb_service.policy.incremental import replan
+
+    monkeypatch.setattr(incremental, "KEEP_SHARE", share)
+    num_ranks, rows, n = 16, 12, 64
+    loads = workloads.noise_sequence(rows, n, 0, num_windows=2, tokens=400_000)
+    current, _ = plan_fresh(loads[0], 5 * num_ranks, num_ranks)
+    weight = loads[1]
+    fresh_item, fresh_peak = plan_fresh(weight, 5 * num_ranks, num_ranks)
+    paths, goal = replan(weight, current, fresh_peak, lambda r: (fresh_item[r], fresh_peak[r]),
+                         num_nodes=2, tolerance=0.004,
+                         allowance=np.sqrt(weight.sum(axis=1) / num_ranks))
+    return paths, goal, weight, current
+
+
+def test_replan_keeps_counts_when_swaps_cost_far_less(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise only: on rows whose hysteresis counts would change, swaps with the counts in
+    service reach the goal for a fraction of the rewrites, so those rows keep their counts
+    (``KEEP_SHARE``); every row still meets its goal, with fewer rewrites in all, and every
+    point of every path materializes to exactly the rewrites and peak it reports."""
+    from eplb_service.policy.fresh import count_rows
+    from eplb_service.policy.incremental import materialize
+
+    def to_goal(paths: Paths, goal: np.ndarray) -> int:
+        """Slots rewritten at each row's first point within its goal, summed."""
+        first = (paths.peak <= goal[:, None] * (1 + 1e-9)).argmax(axis=1)
+        return int(paths.changed[np.arange(first.size), first].sum())
+
+    never, goal0, weight, current = _noise_replan(0.0, monkeypatch)
+    paths, goal, _, _ = _noise_replan(0.5, monkeypatch)
+    n = weight.shape[1]
+    rows = weight.shape[0]
+    before = count_rows(current, n)
+    np.testing.assert_allclose(goal, goal0)
+    assert paths.goal_met.all()
+    last = materialize(paths, paths.points - 1)
+    np.testing.assert_array_equal(count_rows(last, n), before)
+    assert not (count_rows(materialize(never, never.points - 1), n) == before).all()
+    assert to_goal(paths, goal) < 0.6 * to_goal(never, goal)
+    for k in range(int(paths.points.max())):
+        point = np.minimum(k, paths.points - 1)
+        item = materialize(paths, point)
+        counts = count_rows(item, n)
+        assert _doubles(item) <= _doubles(current)
+        peak = ((weight / counts)[np.arange(rows)[:, None, None], item]).sum(axis=2).max(axis=1)
+        np.testing.assert_allclose(peak, paths.peak[np.arange(rows), point])
+        np.testing.assert_array_equal((item != current).sum(axis=(1, 2)),
+                                      paths.changed[np.arange(rows), point])
+
+
+def test_noise_replan_respects_budgets_with_kept_counts() -> None:
+    """The fewest-rewrites moves are logged exactly: ``max_moves`` and ``max_bytes`` hold on
+    a noise-only replan that keeps its counts, and the plan stays valid (no rank holds an
+    expert twice, every expert placed)."""
+    t = Topology(12, 64, 80, 16, 2)
+    loads = workloads.noise_sequence(t.num_layers, t.num_experts, 0, num_windows=2,
+                                     tokens=400_000)
+    first = plan(loads[0], t, strategy="global").placement
+    free = plan(loads[1], t, current=first, strategy="global")
+    assert free.migration is not None and free.migration.slots_changed > 8
+    size = 1000
+    for options in ({"max_moves": 8}, {"max_bytes": 5 * size, "expert_bytes": size}):
+        result = plan(loads[1], t, current=first, strategy="global", **options)
+        m = result.migration
+        assert m is not None
+        assert m.slots_changed <= options.get("max_moves", m.slots_changed)
+        assert (m.bytes_moved or 0) <= options.get("max_bytes", m.bytes_moved or 0)
+        shape = (t.num_layers, t.num_ranks, -1)
+        assert _doubles(result.placement.phy2log.reshape(shape)) <= _doubles(
+            first.phy2log.reshape(shape))
+        assert (result.placement.logcnt >= 1).all()

@@ -12,6 +12,12 @@ For the other rows, three attempts, each taken only by rows the previous one lef
    (:func:`adjust_counts` up to the fresh plan's largest replica), drop surplus replicas from the
    most loaded ranks, put the new ones into the freed slots (the cheapest slot where it fits
    under the goal), then swap by best gain per cost until the goal (:func:`refine_swaps`).
+   A row keeps its counts in service instead when swaps alone reach the goal for at most
+   ``KEEP_SHARE`` of the rewrites (sampling noise: a count change raises every rank of the
+   donor expert, and each then needs a swap; drift: both cost about the same, and the changed
+   counts serve the next window). Rows keeping their counts swap by fewest rewrites first
+   (:func:`~eplb_service.policy.packing.fewest_rewrite_swaps`: chains through slots it already
+   rewrote, so k ranks can cost k + 1 rewrites where k swaps take 2k).
 2. *Fresh counts*: the same with the fresh plan's counts.
 3. *Aligned fresh plan*: the fresh plan itself with its ranks renumbered and its slots ordered
    to keep as many (slot, expert) pairs as possible.
@@ -37,7 +43,13 @@ import numpy.typing as npt
 
 from eplb_service.policy.assignment import max_assignment
 from eplb_service.policy.fresh import count_rows, count_vectors, item_loads
-from eplb_service.policy.packing import SwapCosts, SwapLog, held_counts, refine_swaps
+from eplb_service.policy.packing import (
+    SwapCosts,
+    SwapLog,
+    fewest_rewrite_swaps,
+    held_counts,
+    refine_swaps,
+)
 from eplb_service.policy.pairs import PairLimits, fewest_rewrites, repair_pairs
 from eplb_service.policy.replication import adjust_counts, water_fill
 
@@ -57,6 +69,12 @@ STAND_IN_MIN_SLOTS = 8
 PARTIAL = (0.1,)
 # ... each the best of this many count vectors (in order of the slots they could keep).
 PARTIAL_TRIES = 2
+# A row whose hysteresis counts change keeps its counts in service instead when swaps alone
+# reach its goal for at most this fraction of the rewrites the changed counts take.
+KEEP_SHARE = 0.5
+# Most swaps per row of the fewest-rewrites search (rows keeping their counts; a row it leaves
+# above the goal takes the gain-first search, or its changed counts).
+FEWEST_MOVES = 16
 
 __all__ = [
     "FreshFn", "Paths", "align_slots", "align_to", "materialize", "rank_overlap", "replan",
@@ -217,24 +235,67 @@ def _slot_loads(per: F64, item: I64) -> F64:
     return np.where(item >= 0, per[rows, np.maximum(item, 0)], 0.0)
 
 
+Attempt = tuple[I64, SwapLog, F64]  # staged [r, R, S], its swap log, final peaks [r]
+
+
 def _attempt(
     weight: F64, counts: I64, goal: F64, search_goal: F64, costs: SwapCosts, max_moves: int,
-    limits: PairLimits | None = None,
-) -> tuple[I64, SwapLog, F64]:
+    limits: PairLimits | None = None, fewest: bool = False,
+) -> Attempt:
     """Reassign to ``counts``, then swap toward ``search_goal``; returns staged, log, peaks.
 
     With two slots per rank (``limits`` given), rows first re-pair as few ranks as reach the
     limits (:func:`~eplb_service.policy.pairs.repair_pairs`: a swap rewrites a slot on two
     ranks, a re-paired rank one); rows it cannot repair are reassigned as with more slots.
+    ``fewest``: swap by fewest rewrites (at most ``FEWEST_MOVES``) instead of largest gain.
     """
+    if weight.shape[0] == 0:
+        none = np.zeros(0, dtype=np.int64)
+        empty = SwapLog(none, none, none, np.zeros(0), none, none)
+        return costs.original.copy(), empty, np.zeros(0)
     staged = _reassign(weight, costs.original, counts, goal, costs)
     if limits is not None:
         repaired, ok = repair_pairs(weight, costs.original, counts, limits)
         staged[ok] = repaired[ok]
     load = _slot_loads(weight / counts, staged)
-    load, _, log = refine_swaps(load, staged, search_goal, costs=costs, max_moves=max_moves,
-                                lanes=SEARCH_LANES)
+    if fewest:
+        load, _, log = fewest_rewrite_swaps(load, staged, search_goal, costs,
+                                            max_moves=min(max_moves, FEWEST_MOVES))
+    else:
+        load, _, log = refine_swaps(load, staged, search_goal, costs=costs,
+                                    max_moves=max_moves, lanes=SEARCH_LANES)
     return staged, log, load.sum(axis=2).max(axis=1)
+
+
+def _take(result: Attempt, mask: B8) -> Attempt:
+    """The rows ``mask [r]`` of an :func:`_attempt` result (log rows renumbered)."""
+    staged, log, last = result
+    index = np.cumsum(mask) - 1
+    keep = mask[log.row]
+    sub = SwapLog(index[log.row[keep]], log.slot_a[keep], log.slot_b[keep], log.peak[keep],
+                  log.changed[keep], log.arrivals[keep])
+    return staged[mask], sub, last[mask]
+
+
+def _rewrites_to_goal(weight: F64, counts: I64, current: I64, result: Attempt,
+                      goal: F64) -> F64:
+    """``[r]`` slots an :func:`_attempt` result has rewritten at its first point within
+    ``goal`` (inf where none is).
+
+    Parameters:
+        weight: [r, n]; counts: [r, n], the attempt's counts; current: [r, R, S], the
+            arrangement in service; result: the attempt on those rows; goal: [r]
+    """
+    staged, log, _ = result
+    num_rows = staged.shape[0]
+    out = np.full(num_rows, np.inf)
+    hit = np.flatnonzero(log.peak <= goal[log.row] * (1 + 1e-9))
+    rows, first = np.unique(log.row[hit], return_index=True)  # a row's moves keep their order
+    out[rows] = log.changed[hit[first]]
+    peak = _slot_loads(weight / counts, staged).sum(axis=2).max(axis=1)
+    at_start = peak <= goal * (1 + 1e-9)
+    out[at_start] = (staged != current).sum(axis=(1, 2))[at_start]
+    return out
 
 
 def align_to(fresh: I64, current: I64) -> I64:
@@ -421,10 +482,10 @@ def replan(
     small = count_vectors(num_slots, n) if per_rank == 2 else None
     options = np.full((num_rows, 0 if small is None else len(PARTIAL), num_ranks, per_rank), -2)
 
-    def attempt(rows: I64, counts: I64,
-                limits: PairLimits | None = None) -> tuple[I64, SwapLog, F64]:
+    def attempt(rows: I64, counts: I64, limits: PairLimits | None = None,
+                fewest: bool = False) -> Attempt:
         return _attempt(weight[rows], counts, goal[rows], search_goal[rows], costs.rows(rows),
-                        max_moves, limits)
+                        max_moves, limits, fewest)
 
     def accept(rows: I64, counts: I64, got: I64, log: SwapLog, last: F64) -> I64:
         """Keeps the attempt's rows that meet their goal; returns the others."""
@@ -499,7 +560,40 @@ def replan(
         # 1. Hysteresis counts: change only those that must change.
         level = (weight[todo] / count_rows(fresh_item, n)).max(axis=1) * (1 + tolerance)
         counts = adjust_counts(weight[todo], before[todo], level, num_slots)
-        later = accept(todo, counts, *attempt(todo, counts))
+        free = ~must_fix[todo]
+        moved = free & (counts != before[todo]).any(axis=1)
+        # A swap relieves at most one rank: rows with more than FEWEST_MOVES ranks above the
+        # goal (counts kept) cannot reach it by the fewest-rewrites search.
+        over = (item_loads(weight[todo], current[todo], before[todo]).sum(axis=2)
+                > goal[todo, None] * (1 + 1e-9)).sum(axis=1)
+        near = free & (over <= FEWEST_MOVES)
+        # Rows that can keep their counts swap by fewest rewrites first; rows it leaves above
+        # the goal take the gain-first search.
+        same = todo[near & ~moved]
+        missed = accept(same, before[same], *attempt(same, before[same], fewest=True))
+        gain_first = np.sort(np.concatenate([missed, todo[free & ~moved & ~near]]))
+        left = [accept(gain_first, before[gain_first], *attempt(gain_first,
+                                                                before[gain_first]))]
+        # Rows whose counts change keep them instead where that reaches the goal for at most
+        # KEEP_SHARE of the rewrites (each rank above the goal needs a rewrite of its own).
+        rows = todo[moved]
+        tried = attempt(rows, counts[moved])
+        cost_moved = _rewrites_to_goal(weight[rows], counts[moved], current[rows], tried,
+                                       goal[rows])
+        finite = np.isfinite(cost_moved)
+        limit = np.where(finite, KEEP_SHARE * np.where(finite, cost_moved, 0.0), np.inf)
+        trial = near[moved] & (over[moved] <= limit)
+        sub = rows[trial]
+        alt = attempt(sub, before[sub], fewest=True)
+        cost_kept = np.full(rows.size, np.inf)
+        cost_kept[trial] = _rewrites_to_goal(weight[sub], before[sub], current[sub], alt,
+                                             goal[sub])
+        kept = np.isfinite(cost_kept) & (cost_kept <= limit)
+        accept(rows[kept], before[rows[kept]], *_take(alt, kept[trial]))
+        left.append(accept(rows[~kept], counts[moved][~kept], *_take(tried, ~kept)))
+        fix = ~free
+        left.append(accept(todo[fix], counts[fix], *attempt(todo[fix], counts[fix])))
+        later = np.sort(np.concatenate(left))
         if later.size:
             # 2. The fresh plan's counts.
             pick = np.searchsorted(todo, later)

@@ -29,6 +29,7 @@ __all__ = [
     "SwapCosts",
     "SwapLog",
     "balance_pairs",
+    "fewest_rewrite_swaps",
     "held_counts",
     "lpt_pack",
     "refine_swaps",
@@ -556,6 +557,132 @@ def _swap(
     np.add.at(holdings.changed, rows, d_changed)
     np.add.at(holdings.arrivals, rows, d_arrivals)
     return d_changed, d_arrivals
+
+
+def fewest_rewrite_swaps(
+    load: F64, item: I64, target: F64, costs: SwapCosts, *, max_moves: int = 256
+) -> tuple[F64, I64, SwapLog]:
+    """Swaps toward ``target`` that rewrite as few slots as they can (migration-aware polish).
+
+    Each step relieves a row's most loaded rank ``h``: it swaps one of ``h``'s items with a
+    slot of one of the ``PARTNERS`` lightest ranks or with any slot already rewritten (against
+    ``costs.original``; never giving a rank a second replica of an expert). Among the swaps
+    that take both ranks below the row's second largest rank load it takes the one adding the
+    fewest rewritten slots, then the lowest of the two loads; when none gets that low, the
+    swap lowering ``h`` the most. A rewritten slot can be rewritten again at no extra cost, so
+    chains form on their own: ``h1`` gives ``x1`` to a light rank for ``y``, then ``h2`` gives
+    ``x2`` to that same slot for ``x1``: three rewrites relieve two ranks (two swaps: four).
+    :func:`refine_swaps` with costs instead takes the largest gain first, cost second.
+
+    Parameters:
+        load: [X, R, S], item loads (not modified)
+        item: [X, R, S], expert ids (>= 0; not modified)
+        target: [X], stop a row once its largest rank load is at most this
+        costs: the arrangement in service (rewrites and arrivals count against it)
+        max_moves: most swaps per row
+
+    Returns:
+        load, item: [X, R, S], after the swaps
+        log: the swaps in order, with exact rewrites and arrivals after each
+    """
+    load = load.copy()
+    item = item.copy()
+    num_rows, num_ranks, per_rank = load.shape
+    num_partners = min(PARTNERS, num_ranks - 1)
+    rank_load = load.sum(axis=2)  # [X, R]
+    slot_cost = costs.slot_cost(item)
+    holdings = _Holdings(item, costs)
+    logs: dict[str, list[npt.NDArray[np.generic]]] = {
+        k: [] for k in ("row", "slot_a", "slot_b", "peak", "changed", "arrivals")
+    }
+    moves = np.zeros(num_rows, dtype=np.int64)
+    active = np.arange(num_rows) if num_partners >= 1 and per_rank >= 1 else np.zeros(0, np.int64)
+    width = holdings.held.shape[2]
+    load_f, item_f, rank_f = load.reshape(-1), item.reshape(-1), rank_load.reshape(-1)  # views
+    orig_f, held_f = costs.original.reshape(-1), holdings.held.reshape(-1)
+    row_slots = num_ranks * per_rank
+    slot_index = np.arange(per_rank)
+    while active.size:
+        rl = rank_load[active]  # [a, R]
+        order = np.argsort(-rl, axis=1)
+        ar = np.arange(active.size)
+        heavy = order[:, 0]
+        h_load = rl[ar, heavy]
+        keep = (h_load > target[active] * (1 + _REL_EPS)) & (moves[active] < max_moves)
+        if not keep.all():
+            active, rl, order, heavy, h_load = (
+                active[keep], rl[keep], order[keep], heavy[keep], h_load[keep]
+            )
+            ar = np.arange(active.size)
+            if active.size == 0:
+                break
+        a = active.size
+        second = rl[ar, order[:, 1]]
+        h_rank = active * num_ranks + heavy  # [a], global rank ids
+        fh = h_rank[:, None] * per_rank + slot_index  # [a, S]
+        # Candidate slots [a, C]: the lightest ranks' slots, then every rewritten slot.
+        light = ((active[:, None] * num_ranks + order[:, num_ranks - num_partners :])[:, :, None]
+                 * per_rank + slot_index).reshape(a, -1)
+        rewritten = (item_f[active[:, None] * row_slots + np.arange(row_slots)]
+                     != orig_f[active[:, None] * row_slots + np.arange(row_slots)])  # [a, RS]
+        count = rewritten.sum(axis=1)
+        most = int(count.max(initial=0))
+        where = np.argsort(~rewritten, axis=1, kind="stable")[:, :most]
+        cand = np.concatenate([light, active[:, None] * row_slots + where], axis=1)
+        open_ = np.concatenate(
+            [np.ones(light.shape, dtype=bool), np.arange(most)[None, :] < count[:, None]], axis=1
+        )
+        c_rank = cand // per_rank  # [a, C], global rank ids
+        open_ &= c_rank != h_rank[:, None]
+        x_h, e_h, o_h = load_f[fh], item_f[fh], orig_f[fh]  # [a, S]
+        x_c, e_c, o_c = load_f[cand], item_f[cand], orig_f[cand]  # [a, C]
+        h_after = (h_load[:, None] - x_h)[:, :, None] + x_c[:, None, :]  # [a, S, C]
+        r_after = x_h[:, :, None] + (rank_f[c_rank] - x_c)[:, None, :]
+        score = np.maximum(h_after, r_after)
+        valid = score < (h_load * (1 - _REL_EPS))[:, None, None]
+        valid &= open_[:, None, :]
+        valid &= (held_f[(h_rank * width)[:, None] + e_c] == 0)[:, None, :]
+        valid &= held_f[(c_rank * width)[:, None, :] + e_h[:, :, None]] == 0
+        # Slots rewritten after the swap, less before it.
+        added = ((e_c[:, None, :] != o_h[:, :, None]).astype(np.int64)
+                 + (e_h[:, :, None] != o_c[:, None, :])
+                 - (e_h != o_h)[:, :, None] - (e_c != o_c)[:, None, :])
+        relative = score / h_load[:, None, None]  # < 1 where valid
+        key = np.where(score <= second[:, None, None], 4.0 * added + relative, 16.0 + relative)
+        key[~valid] = np.inf
+        flat = key.reshape(a, -1)
+        best = flat.argmin(axis=1)
+        ok = np.isfinite(flat[ar, best])
+        if ok.any():
+            g = np.flatnonzero(ok)
+            i, c = np.divmod(best[g], cand.shape[1])
+            target_slot = cand[g, c]
+            r, h = active[g], heavy[g]
+            p = target_slot // per_rank - r * num_ranks
+            _swap(load, item, rank_load, r, h, i, p, target_slot % per_rank, costs, slot_cost,
+                  holdings)
+            moves[r] += 1
+            logs["row"].append(r)
+            logs["slot_a"].append(h * per_rank + i)
+            logs["slot_b"].append(target_slot - r * row_slots)
+            logs["peak"].append(rank_load[r].max(axis=1))
+            logs["changed"].append(holdings.changed[r].copy())
+            logs["arrivals"].append(holdings.arrivals[r].copy())
+        active = active[ok]
+
+    def cat(name: str, dtype: type) -> npt.NDArray[np.generic]:
+        parts = logs[name]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    log = SwapLog(
+        row=cat("row", np.int64),  # type: ignore[arg-type]
+        slot_a=cat("slot_a", np.int64),  # type: ignore[arg-type]
+        slot_b=cat("slot_b", np.int64),  # type: ignore[arg-type]
+        peak=cat("peak", np.float64),  # type: ignore[arg-type]
+        changed=cat("changed", np.int64),  # type: ignore[arg-type]
+        arrivals=cat("arrivals", np.int64),  # type: ignore[arg-type]
+    )
+    return load, item, log
 
 
 def balance_pairs(load: F64, item: I64, rounds: int = 8) -> tuple[F64, I64]:
