@@ -346,19 +346,7 @@ def refine_swaps(
                          costs, slot_cost, holdings)
         active = active[~stuck]
 
-    def cat(name: str, dtype: type) -> npt.NDArray[np.generic]:
-        parts = logs[name]
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
-
-    log = SwapLog(
-        row=cat("row", np.int64),  # type: ignore[arg-type]
-        slot_a=cat("slot_a", np.int64),  # type: ignore[arg-type]
-        slot_b=cat("slot_b", np.int64),  # type: ignore[arg-type]
-        peak=cat("peak", np.float64),  # type: ignore[arg-type]
-        changed=cat("changed", np.int64),  # type: ignore[arg-type]
-        arrivals=cat("arrivals", np.int64),  # type: ignore[arg-type]
-    )
-    return load, item, log
+    return load, item, _swap_log(logs)
 
 
 def _costed_steps(
@@ -670,11 +658,17 @@ def fewest_rewrite_swaps(
             logs["arrivals"].append(holdings.arrivals[r].copy())
         active = active[ok]
 
+    return load, item, _swap_log(logs)
+
+
+def _swap_log(logs: dict[str, list[npt.NDArray[np.generic]]]) -> SwapLog:
+    """The :class:`SwapLog` of per-step lists (``row``, ``slot_a``, ..., one array per step)."""
+
     def cat(name: str, dtype: type) -> npt.NDArray[np.generic]:
         parts = logs[name]
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
-    log = SwapLog(
+    return SwapLog(
         row=cat("row", np.int64),  # type: ignore[arg-type]
         slot_a=cat("slot_a", np.int64),  # type: ignore[arg-type]
         slot_b=cat("slot_b", np.int64),  # type: ignore[arg-type]
@@ -682,7 +676,6 @@ def fewest_rewrite_swaps(
         changed=cat("changed", np.int64),  # type: ignore[arg-type]
         arrivals=cat("arrivals", np.int64),  # type: ignore[arg-type]
     )
-    return load, item, log
 
 
 def balance_pairs(load: F64, item: I64, rounds: int = 8) -> tuple[F64, I64]:
