@@ -8,9 +8,10 @@ each with ``n`` experts, ``P`` slots and ``R`` ranks of ``S = P / R`` slots. An 
    ever worse than the deepseek policy; even it out with :func:`balance_pairs` and polish with
    :func:`refine_swaps`.
 2. Rows still more than ``POOR`` above the lower bound are count-limited (a rank holds exactly
-   ``S`` replicas, so water-filling can make too many mid-sized ones). For them, try
-   :func:`cardinality_counts` at a few target levels, pack each the same way, and keep the best
-   arrangement per row.
+   ``S`` replicas, so water-filling can make too many mid-sized ones). For them, with 3+ slots
+   per rank, first try :func:`anchor_counts` (one anchor replica per rank, fillers around it);
+   rows still poor try :func:`cardinality_counts` at a few target levels; each is packed the
+   same way, and the best arrangement per row is kept.
 3. With few slots per rank (``3 <= S <= COUNT_MOVE_SLOTS``), rows still poor try
    :func:`count_moves`: one replica moved between experts at a time, repacked, kept only where
    the polished peak drops.
@@ -27,7 +28,7 @@ import numpy.typing as npt
 
 from eplb_service.policy import deepseek
 from eplb_service.policy.packing import balance_pairs, lpt_pack, refine_swaps
-from eplb_service.policy.replication import cardinality_counts, water_fill
+from eplb_service.policy.replication import anchor_counts, cardinality_counts, water_fill
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -50,6 +51,9 @@ __all__ = [
 POOR = 0.005
 # Target levels (x lower bound) at which cardinality_counts is tried for poor rows.
 LEVEL_FACTORS = (1.0, 1.04, 1.08)
+# With 3+ slots per rank, poor rows also try anchor_counts at the lower bound: experts above
+# this share of it anchor one rank per replica (decision 0013, addendum).
+ANCHOR_THRESHOLD = 0.5
 # Two slots per rank: every count vector is tried when there are at most this many.
 EXACT_PAIRS_LIMIT = 20_000
 # Rounds of balance_pairs after a greedy packing, and when ranking count candidates.
@@ -305,9 +309,22 @@ def plan_fresh(weight: F64, num_slots: int, num_ranks: int) -> tuple[I64, F64]:
     load, item = balance_pairs(load, item, PAIR_ROUNDS)
     peak = load.sum(axis=2).max(axis=1)
 
-    # 2. Count-limited rows: cardinality-shaped counts at a few levels, best per row.
+    # 2. Count-limited rows: other replica counts, repacked, kept per row where better.
     poor = np.flatnonzero(peak > bound * (1 + POOR))
+    if poor.size and per_rank >= 3:
+        # 2a. Anchor counts at the lower bound (one anchor replica per rank, fillers around).
+        anchored, ok = anchor_counts(weight[poor], num_slots, num_ranks, bound[poor],
+                                     ANCHOR_THRESHOLD)
+        rows = poor[ok]
+        if rows.size:
+            a_item, a_load = greedy_pack(weight[rows], anchored[ok], num_ranks)
+            better = a_load.sum(axis=2).max(axis=1) < peak[rows]
+            won = rows[better]
+            item[won], load[won] = a_item[better], a_load[better]
+            peak[won] = load[won].sum(axis=2).max(axis=1)
+            poor = np.flatnonzero(peak > bound * (1 + POOR))
     if poor.size and per_rank >= 2:
+        # 2b. Cardinality-shaped counts at a few levels for the rows still poor.
         w = weight[poor]
         filler = np.median(w / counts[poor], axis=1)
         tries = len(LEVEL_FACTORS)

@@ -17,7 +17,7 @@ import numpy.typing as npt
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-__all__ = ["adjust_counts", "cardinality_counts", "per_replica", "water_fill"]
+__all__ = ["adjust_counts", "anchor_counts", "cardinality_counts", "per_replica", "water_fill"]
 
 # Pigeonhole levels q = 1..LEVELS checked by cardinality_counts; higher levels rarely bind.
 LEVELS = 4
@@ -84,6 +84,54 @@ def water_fill(weight: F64, num_slots: int) -> I64:
         over = counts.sum(axis=1) > num_slots
         counts[over] = 1
     return _grant(weight, counts, num_slots - counts.sum(axis=1))
+
+
+def anchor_counts(
+    weight: F64, num_slots: int, num_ranks: int, level: F64, threshold: float = 0.5
+) -> tuple[I64, npt.NDArray[np.bool_]]:
+    """Replica counts for "one anchor per rank, fillers around it" under a target ``level``.
+
+    A few experts can carry most of a layer (zipf 1.5: the top one ~40%). Water-filling, and
+    :func:`cardinality_counts`'s per-threshold limits, then give them many mid-sized replicas
+    (e.g. 59 of 0.7-0.8 x level on 64 ranks) and leave a score of mid-sized experts
+    (0.3-0.6 x level) that fit beside none of them, so some rank holds two. Here instead:
+
+    - *anchors*, the experts above ``threshold * level``, get the fewest replicas that each
+      leave room for ``S - 1`` typical fillers (the mean load of the lighter half of experts):
+      ``ceil(w / (level - (S - 1) * filler))``; at most ``R`` anchor replicas, one per rank;
+    - every other expert is a filler, and the spare slots split the largest fillers first
+      (water-filling over the fillers only), so that they fit into the anchors' leftover room.
+
+    Parameters:
+        weight: [X, n], loads
+        num_slots: P
+        num_ranks: R
+        level: [X], target largest rank load (e.g. the lower bound)
+        threshold: experts above ``threshold * level`` are anchors
+
+    Returns:
+        counts: [X, n] int64, every count >= 1, rows summing to P (water-filling where not
+            feasible)
+        feasible: [X] bool, whether the anchors fit in ``R`` replicas and ``P`` slots
+    """
+    n = weight.shape[1]
+    per_rank = num_slots // num_ranks
+    filler = np.sort(weight, axis=1)[:, : max(n // 2, 1)].mean(axis=1)
+    room = level - (per_rank - 1) * filler  # [X], the largest anchor replica
+    anchor = weight > (threshold * level)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(anchor & (room > 0)[:, None], weight / room[:, None], 1.0)
+    need = np.minimum(need * (1.0 - 1e-12), num_slots + 1)  # finite before the cast
+    counts = np.maximum(np.ceil(need).astype(np.int64), 1)
+    feasible = ((room > 0) & (np.where(anchor, counts, 0).sum(axis=1) <= num_ranks)
+                & (counts.sum(axis=1) <= num_slots))
+    counts[~feasible] = 1
+    extra = np.where(feasible, num_slots - counts.sum(axis=1), 0)
+    # Anchors weigh nothing for the grants: the spare slots go to fillers only.
+    counts = _grant(np.where(anchor, 0.0, weight), counts, extra)
+    if not feasible.all():
+        counts[~feasible] = water_fill(weight[~feasible], num_slots)
+    return counts, feasible
 
 
 def adjust_counts(weight: F64, counts: I64, level: F64, num_slots: int) -> I64:
