@@ -19,6 +19,9 @@ def test_count_moves_lower_poor_rows_and_never_raise_one(monkeypatch: pytest.Mon
     weight = workloads.hot(8, 48, 3).astype(np.float64)
     num_ranks, num_slots = 12, 60
     bound = lower_bound(weight, num_slots, num_ranks)
+    # Without anchor counts (they already bring these rows near the bound): no row feasible.
+    monkeypatch.setattr(fresh, "anchor_counts", lambda w, *_: (
+        np.ones(w.shape, dtype=np.int64), np.zeros(w.shape[0], dtype=bool)))
     monkeypatch.setattr(fresh, "COUNT_MOVE_SLOTS", 0)
     _, before = plan_fresh(weight, num_slots, num_ranks)
     monkeypatch.setattr(fresh, "COUNT_MOVE_SLOTS", 5)
@@ -63,12 +66,27 @@ def test_anchor_counts_are_valid_and_anchor_one_replica_per_rank() -> None:
     assert ((np.where(anchor, counts, 0).sum(axis=1) <= num_ranks) | ~feasible).all()
     assert feasible[:6].all()  # zipf rows: the anchors fit
     np.testing.assert_array_equal(counts[~feasible], water_fill(weight[~feasible], num_slots))
-    # Spare slots went to fillers: an anchor has exactly the replicas its room needs.
-    rows, cols = np.nonzero(anchor & feasible[:, None])
-    filler = np.sort(weight[rows], axis=1)[:, :32].mean(axis=1)
-    room = level[rows] - 5 * filler
-    need = np.ceil(weight[rows, cols] / room * (1 - 1e-12)).astype(np.int64)
-    np.testing.assert_array_equal(counts[rows, cols], np.maximum(need, 1))
+    # Spare slots went to fillers: an anchor has exactly the replicas its room needs, or the
+    # anchors share exactly R replicas where their rooms would need more.
+    for x in np.flatnonzero(feasible):
+        cols = np.flatnonzero(anchor[x])
+        room = level[x] - 5 * np.sort(weight[x])[:32].mean()
+        need = np.maximum(np.ceil(weight[x, cols] / room * (1 - 1e-12)).astype(np.int64), 1)
+        if need.sum() <= num_ranks:
+            np.testing.assert_array_equal(counts[x, cols], need)
+        else:
+            assert counts[x, cols].sum() == num_ranks
+
+
+def test_anchor_counts_share_the_ranks_among_several_hot_experts() -> None:
+    """DeepSeek-V3 EP32 "hot" (8 experts at 5-20x the mean, 248 of ~0.065 x a rank's load):
+    one replica of a hot expert per rank and the spare slots splitting fillers give ranks
+    that even out, within 2% of the bound on average (was 4.4%)."""
+    weight = workloads.hot(4, 256, 0, tokens=1_000_000)
+    item, peak = plan_fresh(weight, 288, 32)
+    bound = lower_bound(weight, 288, 32)
+    assert (count_rows(item, 256) >= 1).all()
+    assert (peak / bound).mean() < 1.02
 
 
 def test_anchor_counts_bring_a_dominant_expert_layer_near_the_bound() -> None:

@@ -98,7 +98,8 @@ def anchor_counts(
 
     - *anchors*, the experts above ``threshold * level``, get the fewest replicas that each
       leave room for ``S - 1`` typical fillers (the mean load of the lighter half of experts):
-      ``ceil(w / (level - (S - 1) * filler))``; at most ``R`` anchor replicas, one per rank;
+      ``ceil(w / (level - (S - 1) * filler))``; when that makes more than ``R`` anchor
+      replicas, exactly ``R`` instead, water-filled over the anchors (one per rank);
     - every other expert is a filler, and the spare slots split the largest fillers first
       (water-filling over the fillers only), so that they fit into the anchors' leftover room.
 
@@ -123,6 +124,15 @@ def anchor_counts(
         need = np.where(anchor & (room > 0)[:, None], weight / room[:, None], 1.0)
     need = np.minimum(need * (1.0 - 1e-12), num_slots + 1)  # finite before the cast
     counts = np.maximum(np.ceil(need).astype(np.int64), 1)
+    # More anchor replicas than ranks (several hot experts of similar size): exactly R of them
+    # instead, water-filled over the anchors; the split fillers then even out the ranks whose
+    # anchor is larger than its room.
+    over = ((room > 0) & (np.where(anchor, counts, 0).sum(axis=1) > num_ranks)
+            & (anchor.sum(axis=1) <= num_ranks))
+    if over.any():
+        counts[over] = _grant(np.where(anchor[over], weight[over], 0.0),
+                              np.ones((int(over.sum()), n), dtype=np.int64),
+                              num_ranks - anchor[over].sum(axis=1))
     feasible = ((room > 0) & (np.where(anchor, counts, 0).sum(axis=1) <= num_ranks)
                 & (counts.sum(axis=1) <= num_slots))
     counts[~feasible] = 1
