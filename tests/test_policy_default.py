@@ -509,34 +509,21 @@ def test_repair_pairs_meets_its_limits(
     """Two slots per rank: a repaired row holds exactly the requested counts, every pair is
     within its limits, and the fresh plan's counts with its own peak as goal always repair
     (where the fresh plan holds no expert twice on a rank)."""
-    from eplb_service.policy.fresh import count_rows, plan_fresh
-    from eplb_service.policy.pairs import PairLimits, repair_pairs
+    from eplb_service.policy.fresh import count_rows
+    from eplb_service.policy.pairs import repair_pairs
 
-    num_slots = 2 * num_ranks
-    if num_experts > num_slots:
-        num_experts = num_slots
-    rng = np.random.default_rng(seed)
-    rows = 4
-    weight = rng.pareto(1.0, (rows, num_experts)) * 100 + rng.random((rows, num_experts))
-    current = np.stack([
-        rng.permutation(np.concatenate(
-            [np.arange(num_experts), rng.integers(0, num_experts, num_slots - num_experts)]
-        )) for _ in range(rows)
-    ]).reshape(rows, num_ranks, 2)
-    fresh, peak = plan_fresh(weight, num_slots, num_ranks)
-    counts = count_rows(fresh, num_experts)
-    goal = peak * (1 + 1e-9)
-    limits = (PairLimits.from_fresh(weight, fresh, goal, peak) if shaped
-              else PairLimits.plain(goal))
-    out, ok = repair_pairs(weight, current, counts, limits)
+    weight, current, _, counts, limits = _row_problem(num_ranks, num_experts, seed, shaped)
+    num_experts = weight.shape[1]
+    goal = limits.goal  # type: ignore[attr-defined]
+    out, ok = repair_pairs(weight, current, counts, limits)  # type: ignore[arg-type]
     for x in np.flatnonzero(ok):
         np.testing.assert_array_equal(count_rows(out[x : x + 1], num_experts)[0], counts[x])
         val = (weight[x] / counts[x])[out[x]]  # [R, 2]
         assert (val.sum(axis=1) <= goal[x] * (1 + 1e-9)).all()
-        limit = limits.row(int(x))
+        limit = limits.row(int(x))  # type: ignore[attr-defined]
         assert limit.fits(val.max(axis=1), val.min(axis=1) * (1 - 1e-12)).all()
     # Repairing the result again changes nothing: no rank needs to change.
-    again, ok2 = repair_pairs(weight, out, counts, limits)
+    again, ok2 = repair_pairs(weight, out, counts, limits)  # type: ignore[arg-type]
     np.testing.assert_array_equal(again[ok & ok2], out[ok & ok2])
 
 

@@ -1248,27 +1248,33 @@ class _Layout:
     """
 
     def __init__(self, works: Sequence[_LayerWork]) -> None:
-        offset = 0
-        self.receives: list[tuple[int, int, int]] = []  # (peer, start, end)
-        for peer in sorted({p for w in works for p in w.recv_from}):
-            start = offset
-            for w in works:
-                if peer in w.recv_from:
-                    w.recv_off[peer] = offset
-                    offset += w.block_bytes(len(w.recv_from[peer]))
-            self.receives.append((peer, start, offset))
+        # (peer, start, end) per peer: receives, then the staged local copies, then sends
+        self.receives, offset = self._regions(works, 0, lambda w: w.recv_from,
+                                              lambda w: w.recv_off)
         for w in works:
             w.staged_off = offset
             offset += w.block_bytes(w.staged_count)
-        self.sends: list[tuple[int, int, int]] = []
-        for peer in sorted({p for w in works for p in w.send_to}):
+        self.sends, self.total = self._regions(works, offset, lambda w: w.send_to,
+                                               lambda w: w.send_off)
+
+    @staticmethod
+    def _regions(
+        works: Sequence[_LayerWork], offset: int,
+        slots: Callable[[_LayerWork], Mapping[int, Any]],
+        offsets: Callable[[_LayerWork], dict[int, int]],
+    ) -> tuple[list[tuple[int, int, int]], int]:
+        """One region per peer from ``offset`` (peers in order), each the blocks of ``works``
+        for that peer in group order; records each block's offset in ``offsets(w)[peer]``.
+        Returns the regions and the offset after them."""
+        regions: list[tuple[int, int, int]] = []
+        for peer in sorted({p for w in works for p in slots(w)}):
             start = offset
             for w in works:
-                if peer in w.send_to:
-                    w.send_off[peer] = offset
-                    offset += w.block_bytes(len(w.send_to[peer]))
-            self.sends.append((peer, start, offset))
-        self.total = offset
+                if peer in slots(w):
+                    offsets(w)[peer] = offset
+                    offset += w.block_bytes(len(slots(w)[peer]))
+            regions.append((peer, start, offset))
+        return regions, offset
 
 
 # ---------------------------------------------------------------------------------------------

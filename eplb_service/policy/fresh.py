@@ -52,7 +52,7 @@ POOR = 0.005
 # Target levels (x lower bound) at which cardinality_counts is tried for rows still poor after
 # anchor_counts (1.08 bought at most 0.0005 x LB on any benchmark row then; decision 0013).
 LEVEL_FACTORS = (1.0, 1.04)
-# With 3+ slots per rank, poor rows also try anchor_counts at the lower bound: experts above
+# With 3+ slots per rank, poor rows first try anchor_counts at the lower bound: experts above
 # this share of it anchor one rank per replica (decision 0013, addendum).
 ANCHOR_THRESHOLD = 0.5
 # Two slots per rank: every count vector is tried when there are at most this many.
