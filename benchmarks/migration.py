@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--copy-programs", type=int, default=None,
                    help="programs of a copy beside a transfer (ExpertWeights(copy_programs=N)); "
                         "default: 'auto'; 0: uncapped")
+    p.add_argument("--ramp", type=int, default=None,
+                   help="smaller groups at each end of a call (ExpertWeights(ramp_groups=N); "
+                        "0: equal groups; default: the library's)")
     p.add_argument("--migration-group", choices=("dedicated", "engine"), default="dedicated",
                    help="migrate on worker_agent.migration.migration_group() (NCCL: its own "
                         "high-priority communicator; default) or on the engine's group")
@@ -146,7 +149,8 @@ def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
                             side_stream_packing=not args.caller_stream_packing,
                             batched_copies=not args.unbatched_copies,
                             groups_in_flight=args.in_flight,
-                            copy_programs=_copy_programs(args))
+                            copy_programs=_copy_programs(args),
+                            **({} if args.ramp is None else {"ramp_groups": args.ramp}))
     for layer in range(layers):
         weights.register_layer(layer, {
             name: torch.full((slots, hidden, ffn), (rank * 7 + layer) % 251, dtype=torch.uint8,
@@ -351,6 +355,7 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
             "steps": -(-args.layers // chunk),
             "max_pause_ms": statistics.median(pauses) * 1e3,
             "total_ms": statistics.median(totals) * 1e3,
+            "total_ms_runs": [round(t * 1e3, 3) for t in totals],
             "transfers": forward.num_transfers,
             "local_copies": forward.num_local_copies,
             "mib_received_rank": mine * 3 * args.hidden * args.ffn / MiB,
@@ -589,6 +594,13 @@ def bench(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any] | N
     }
 
 
+def _ramp_text(cfg: dict[str, Any]) -> str:
+    ramp = cfg.get("ramp")
+    if ramp is None:
+        ramp = ExpertWeights(1).ramp_groups
+    return "equal" if ramp == 0 else f"{ramp} smaller at each end"
+
+
 def _copy_programs_text(cfg: dict[str, Any]) -> str:
     value = cfg.get("copy_programs")
     return "auto" if value is None else ("uncapped" if value == 0 else str(value))
@@ -600,7 +612,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Backend {res['backend']}, {res['world_size']} ranks, {res['device']}, torch "
         f"{res['torch']}, expert {res['expert_bytes'] / MiB:.1f} MiB (3 byte matrices). "
         f"Migration group: {res['config']['migration_group']}; copy programs beside a "
-        f"transfer: {_copy_programs_text(res['config'])}.",
+        f"transfer: {_copy_programs_text(res['config'])}; groups: "
+        f"{_ramp_text(res['config'])}.",
         "",
         "One layer per call, then `layers` layers per call; `ratio` = plain / migration for "
         "the same bytes. `verified`: without the pre-flight all-reduce, as `MigratingSwitcher` "

@@ -22,6 +22,7 @@ from worker_agent.migration import (
     ExpertWeights,
     MigrationError,
     _Comm,
+    _cut,
     _Status,
     migration_group,
 )
@@ -312,6 +313,9 @@ def test_groups_in_flight_must_be_positive() -> None:
     for bad in (0, -3, "fast", 2.5):
         with pytest.raises(ValueError, match="copy_programs"):
             ExpertWeights(S, copy_programs=bad)  # type: ignore[arg-type]
+    for bad in (-1, 9, 1.5, "2"):
+        with pytest.raises(ValueError, match="ramp_groups"):
+            ExpertWeights(S, ramp_groups=bad)  # type: ignore[arg-type]
 
 
 def test_timeout_fails_every_rank_without_writing() -> None:
@@ -401,3 +405,63 @@ def test_nccl_waits_do_not_block_the_host_gloo_waits_are_bounded() -> None:
     comm.nccl = False
     comm.wait(handles, 5.0)
     assert all(len(h.waits[1]) == 1 and h.waits[1][0].total_seconds() == 5.0 for h in handles)
+
+
+def test_groups_ramp_up_and_down_at_the_ends() -> None:
+    """The first and last groups of a call are small (their pack / commit has nothing to hide
+    behind); the middle ones hold the target; order and membership are kept."""
+    mib = 1 << 20
+    groups = _cut(list(range(58)), [64 * mib] * 58, 512 * mib, [64 * mib, 128 * mib, 256 * mib])
+    assert [len(g) for g in groups] == [1, 2, 4, 8, 8, 8, 8, 8, 4, 4, 2, 1]
+    assert [i for g in groups for i in g] == list(range(58))
+    # No ramp: the plain cut; one item per group when the target is one byte.
+    assert [len(g) for g in _cut(list(range(10)), [3] * 10, 9, [])] == [3, 3, 3, 1]
+    assert _cut([4, 7, 9], [5, 5, 5], 1, [0, 0, 0]) == [[4], [7], [9]]
+    # Too few items to ramp both ends: every item still in exactly one group, in order.
+    for n in range(1, 9):
+        cut = _cut(list(range(n)), [10] * n, 80, [10, 20, 40])
+        assert [i for g in cut for i in g] == list(range(n)) and all(cut)
+
+
+def _settings(rank: int, world: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    old, new = (random_placement(rng, L, E, world * S) for _ in range(2))
+    weights = build(rank, old)
+    weights.ramp_groups = 2 if rank == 0 else 0  # the ranks would cut different groups
+    report = weights.migrate(plan_transfers(old, new, world))
+    return {"failed": report.failed, "untouched": mismatches(weights, rank, old) == []}
+
+
+def test_ranks_with_different_settings_are_refused_before_any_byte() -> None:
+    for out in spawn_ranks(_settings, 2, 11, timeout_s=60):
+        assert sorted(out["failed"]) == [0, 1, 2]
+        assert all("different migration settings" in r for r in out["failed"].values())
+        assert out["untouched"]
+
+
+def test_migration_after_a_preflight_reuses_its_preparation(monkeypatch: Any) -> None:
+    """The rollout path verifies a plan, then migrates it: the layers are not prepared twice
+    (host time on the first step), unless the registry changed in between."""
+    old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
+    new = np.array([[1, 0, 2], [1, 2, 0], [0, 2, 1]])
+    weights = ExpertWeights(S)
+    for layer in range(L):
+        weights.register_layer(layer, {
+            name: torch.stack([expert_tensor(layer, int(e), name) for e in old[layer]])
+            for name in TENSORS
+        })
+    calls: list[int] = []
+    prepare = weights._prepare
+    monkeypatch.setattr(weights, "_prepare", lambda layer, *a: calls.append(layer) or
+                        prepare(layer, *a))
+    plan = plan_transfers(old, new, 1)
+    assert weights.preflight(plan) == {} and calls == [0, 1, 2]
+    # layer 2 re-registered (same bytes): its verified preparation is stale
+    weights.register(2, "meta", weights.tensors(2)["meta"])
+    report = weights.migrate(plan, preflight=False)
+    assert calls == [0, 1, 2, 2] and report.applied_layers == (0, 1, 2)
+    assert mismatches(weights, 0, new) == []
+    # a second migration without a pre-flight prepares again
+    back = plan_transfers(new, old, 1)
+    weights.migrate(back, preflight=False)
+    assert calls == [0, 1, 2, 2, 0, 1, 2] and mismatches(weights, 0, old) == []

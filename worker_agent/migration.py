@@ -279,6 +279,11 @@ class ExpertWeights:
             :func:`migration_group`'s high-priority stream: 33 or 48 programs 14.9-15.0 ms, 66
             15.5-15.8, 16 18.0-19.6, uncapped 17.2-18.1; on the engine's own group the cap
             alone measured within run-to-run spread (decision 0011, session 4).
+        ramp_groups: ``N``: the first ``N`` and the last ``N`` groups of a call are smaller
+            (budgets ``1/2**N, ..., 1/4, 1/2`` of the group size at each end, at least one
+            layer each), so that the first pack and the last commit, which nothing hides, are
+            short; 0: equal groups. Every rank must use the same value (the groups must match;
+            the pre-flight checks it).
 
     Register with :meth:`register` / :meth:`register_layer`; migrate with
     :meth:`migrate_layer` (one layer) or :meth:`migrate` (many). Calls to the ``migrate*``
@@ -288,7 +293,8 @@ class ExpertWeights:
     def __init__(self, slots_per_rank: int, *, tracer: PhaseTracer | None = None,
                  side_stream_packing: bool = True, batched_copies: bool = True,
                  groups_in_flight: int = 1,
-                 copy_programs: int | Literal["auto"] | None = "auto") -> None:
+                 copy_programs: int | Literal["auto"] | None = "auto",
+                 ramp_groups: int = 1) -> None:
         if slots_per_rank < 1:
             raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
         self.slots_per_rank = int(slots_per_rank)
@@ -303,8 +309,15 @@ class ExpertWeights:
             raise ValueError(f"copy_programs must be 'auto', None or an int >= 1, got "
                              f"{copy_programs!r}")
         self.copy_programs = copy_programs
+        if not isinstance(ramp_groups, int) or not 0 <= ramp_groups <= 8:
+            raise ValueError(f"ramp_groups must be an int in [0, 8], got {ramp_groups!r}")
+        self.ramp_groups = ramp_groups
         self._copier = ByteCopier(batched=batched_copies)
         self._layers: dict[int, dict[str, _Entry]] = {}
+        self._digests: dict[int, int] = {}  # layer -> layout digest (until re-registered)
+        # layer -> (transfers, work) that the last pre-flight verified, used once by the next
+        # migration of that layer with the same transfers object (not prepared again)
+        self._verified: dict[int, tuple[LayerTransfers, _LayerWork]] = {}
         # Staging buffers used in turn by consecutive groups of layers (one more than the
         # groups in flight), so that a group's commit (on the CUDA copy stream) overlaps later
         # groups' transfers; ``_released[b]`` is the CUDA event after which buffer ``b`` is no
@@ -347,6 +360,8 @@ class ExpertWeights:
                 )
         rows = _byte_rows(tensor)
         entries[name] = _Entry(name, tensor, rows.view(-1), int(rows.shape[1]))
+        self._digests.pop(layer, None)
+        self._verified.pop(layer, None)
 
     def register_layer(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Register several tensors of one layer (see :meth:`register`)."""
@@ -373,6 +388,12 @@ class ExpertWeights:
         return [entries[name] for name in sorted(entries)]
 
     def _layout_digest(self, layer: int) -> int:
+        digest = self._digests.get(layer)
+        if digest is None:
+            digest = self._digests[layer] = self._compute_layout_digest(layer)
+        return digest
+
+    def _compute_layout_digest(self, layer: int) -> int:
         entries = self._layers.get(layer, {})
         text = repr([
             (name, str(entries[name].tensor.dtype), tuple(entries[name].tensor.shape[1:]))
@@ -441,6 +462,10 @@ class ExpertWeights:
                                                           for layer in todo]
         works, reasons = self._prepare_all(items, comm)
         errors, _ = self._vote_ready(items, works, reasons, comm, stop_on_error=False)
+        # The verified layers' works, for the migrations that follow (not prepared again).
+        self._verified = {layer: (transfers, work)
+                          for (layer, transfers, _), work in zip(items, works, strict=True)
+                          if work is not None and layer not in errors}
         return errors
 
     def migrate_layer(
@@ -512,9 +537,16 @@ class ExpertWeights:
                 stream.wait_event(event)
         for layer, transfers, _ in items:
             self._calls += 1
+            tag = self._calls % (1 << 20)
+            known, work = self._verified.pop(layer, (None, None))
+            if (work is not None and known is transfers and work.world == comm.world
+                    and work.base == comm.rank * self.slots_per_rank):
+                work.tag = tag
+                works.append(work)  # what the pre-flight prepared
+                reasons.append(None)
+                continue
             try:
-                works.append(self._prepare(layer, transfers, comm.rank, comm.world,
-                                           self._calls % (1 << 20)))
+                works.append(self._prepare(layer, transfers, comm.rank, comm.world, tag))
                 reasons.append(None)
             except Exception as exc:
                 works.append(None)
@@ -539,6 +571,9 @@ class ExpertWeights:
             layout = self._layout_digest(layer)
             ok = int(work is not None)
             votes += [ok, comm.rank if not ok else comm.world, digest, -digest, layout, -layout]
+        # the call's settings: they decide the groups every rank posts
+        settings = self._settings_digest()
+        votes += [settings, -settings]
         errors: dict[int, MigrationError] = {}
         if not items:
             return errors, 0
@@ -548,9 +583,15 @@ class ExpertWeights:
             first = items[0][0]
             errors[first] = MigrationError(first, "status", None, f"pre-flight exchange: {exc}")
             return errors, 0
+        same_settings = pre[-2] == -pre[-1]
         for i, (layer, _, _) in enumerate(items):
             v = pre[6 * i:6 * i + 6]
-            if v[0] != 1:
+            if not same_settings:
+                err = MigrationError(
+                    layer, "preflight", None, "ranks use different migration settings "
+                    "(groups_in_flight, ramp_groups): construct ExpertWeights alike everywhere"
+                )
+            elif v[0] != 1:
                 err = MigrationError(layer, "preflight", v[1], reasons[i])
             elif v[2] != -v[3]:
                 err = MigrationError(layer, "preflight", None, "ranks computed different plans")
@@ -664,7 +705,13 @@ class ExpertWeights:
     def _groups(self, indices: list[int], items: list[Any], world: int,
                 group_bytes: int | None) -> list[list[int]]:
         """Cut ``indices`` into consecutive groups of about ``group_bytes`` received bytes,
-        from plan data and verified layouts only (the same groups on every rank)."""
+        from plan data and verified layouts only (the same groups on every rank).
+
+        With ``ramp_groups = N``, the first and the last ``N`` groups are smaller: budgets of
+        ``1/2**N, ..., 1/2`` of the target at each end (at least one layer each).
+        The first group's pack and the last group's commit have nothing to hide behind, so a
+        small group at each end shortens the call by most of a full group's pack and commit.
+        """
         if not indices:
             return []
         sizes = []
@@ -680,15 +727,8 @@ class ExpertWeights:
         target = group_bytes
         if target is None:
             target = min(max(sum(sizes) // 4, _MIN_GROUP), _MAX_GROUP)
-        out: list[list[int]] = [[]]
-        acc = 0
-        for i, size in zip(indices, sizes, strict=True):
-            if out[-1] and acc >= target:
-                out.append([])
-                acc = 0
-            out[-1].append(i)
-            acc += size
-        return out
+        ramp = [target >> k for k in range(self.ramp_groups, 0, -1)]
+        return _cut(indices, sizes, target, ramp)
 
     def _post(self, indices: list[int], items: list[Any], works: list[_LayerWork | None],
               comm: _Comm, depth: int, beside: bool = False) -> _Group:
@@ -763,6 +803,14 @@ class ExpertWeights:
             self._trace("status posted")
         except Exception as exc:
             batch.status_error = str(exc)
+        if batch.error is None:
+            # The commit's copy ranges, built while the GPU works: after the status is read,
+            # only the copies' launch is left on the host's path.
+            batch.commits = []
+            for work in batch.works:
+                ranges: list[CopyRange] = []
+                work.commit(ranges)
+                batch.commits.append(ranges)
 
     def _finish(self, batch: _Group, items: list[Any], errors: dict[int, MigrationError],
                 done: dict[int, LayerMigrationStats], stop_on_error: bool,
@@ -786,6 +834,7 @@ class ExpertWeights:
             return True
         stop = False
         committed: list[_LayerWork] = []
+        ranges: list[CopyRange] = []
         for j, (i, work) in enumerate(zip(batch.indices, batch.works, strict=True)):
             layer = items[i][0]
             if stop:
@@ -798,14 +847,12 @@ class ExpertWeights:
                 continue
             committed.append(work)
             batch.committed.append(i)
+            ranges += batch.commits[j]
         device = batch.works[0].device
         if committed:
             if device.type == "cuda":
                 stream = self._commit_stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))  # the receives landed
-                ranges: list[CopyRange] = []
-                for work in committed:
-                    work.commit(ranges)
                 with torch.cuda.stream(stream):
                     self._copier.run(ranges, self._copy_cap(device, beside))
                 event = torch.cuda.Event()
@@ -817,9 +864,6 @@ class ExpertWeights:
                     batch.buf.record_stream(stream)
                     self._released[batch.buffer] = event
             else:
-                ranges = []
-                for work in committed:
-                    work.commit(ranges)
                 self._copier.run(ranges)
         self._trace("commit issued")
         seconds = (time.perf_counter() - batch.start) / len(batch.indices)
@@ -917,6 +961,10 @@ class ExpertWeights:
             torch.cuda.current_stream(device).wait_event(released)
         return buf
 
+    def _settings_digest(self) -> int:
+        """The settings that every rank must share (they decide the groups it posts)."""
+        return self.groups_in_flight * 16 + self.ramp_groups
+
     def _prepare(
         self, layer: int, transfers: LayerTransfers, rank: int, world: int, tag: int
     ) -> _LayerWork:
@@ -943,6 +991,7 @@ class ExpertWeights:
         return _LayerWork(
             layer=layer,
             entries=entries,
+            world=world,
             base=rank * self.slots_per_rank,
             recv_from=recv_from,
             send_to=send_to,
@@ -1097,6 +1146,48 @@ def _spans(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _cut(indices: list[int], sizes: list[int], target: int,
+         ramp: list[int]) -> list[list[int]]:
+    """Consecutive groups of ``indices`` (byte ``sizes`` each): a group closes once it holds
+    ``target`` bytes, except that the first groups close at ``ramp[0]``, ``ramp[1]``, ... bytes
+    and the last ones, counted from the end, at the same budgets. Every group has at least one
+    index; the result is a pure function of the arguments."""
+
+    n = len(indices)
+    head: list[list[int]] = []
+    tail: list[list[int]] = []
+    lo, hi = 0, n
+    for budget in ramp:  # front
+        if lo >= hi:
+            break
+        group: list[int] = []
+        acc = 0
+        while lo < hi and (not group or acc < budget):
+            group.append(lo)
+            acc += sizes[lo]
+            lo += 1
+        head.append(group)
+    for budget in ramp:  # back
+        if lo >= hi:
+            break
+        group = []
+        acc = 0
+        while lo < hi and (not group or acc < budget):
+            hi -= 1
+            group.insert(0, hi)
+            acc += sizes[hi]
+        tail.insert(0, group)
+    middle: list[list[int]] = []
+    acc = 0
+    for at in range(lo, hi):
+        if not middle or acc >= target:
+            middle.append([])
+            acc = 0
+        middle[-1].append(at)
+        acc += sizes[at]
+    return [[indices[at] for at in group] for group in (*head, *middle, *tail)]
+
+
 def _align(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
@@ -1117,6 +1208,7 @@ class _Group:
     status_error: str | None = None
     committed: list[int] = field(default_factory=list)
     buf: torch.Tensor | None = None
+    commits: list[list[CopyRange]] = field(default_factory=list)  # per work, when posted
 
 
 @dataclass
@@ -1132,6 +1224,7 @@ class _LayerWork:
 
     layer: int
     entries: list[_Entry]
+    world: int
     base: int  # first global slot of this rank
     recv_from: dict[int, list[Any]]  # source rank -> transfers, plan order
     send_to: dict[int, list[Any]]  # destination rank -> transfers, plan order
