@@ -331,12 +331,7 @@ def test_local_copies_in_one_process() -> None:
     """Without torch.distributed: a 1-rank group; swaps need staging, in place."""
     old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
     new = np.array([[1, 0, 2], [2, 2, 1], [0, 1, 2]])
-    weights = ExpertWeights(S)
-    for layer in range(L):
-        weights.register_layer(layer, {
-            name: torch.stack([expert_tensor(layer, int(e), name) for e in old[layer]])
-            for name in TENSORS
-        })
+    weights = build(0, old)  # torch.distributed is down: a 1-rank group, on the CPU
     ptrs = [t.data_ptr() for lyr in range(L) for t in weights.tensors(lyr).values()]
     plan = plan_transfers(old, new, 1)
     report = weights.migrate(plan)
@@ -444,12 +439,7 @@ def test_migration_after_a_preflight_reuses_its_preparation(monkeypatch: Any) ->
     (host time on the first step), unless the registry changed in between."""
     old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
     new = np.array([[1, 0, 2], [1, 2, 0], [0, 2, 1]])
-    weights = ExpertWeights(S)
-    for layer in range(L):
-        weights.register_layer(layer, {
-            name: torch.stack([expert_tensor(layer, int(e), name) for e in old[layer]])
-            for name in TENSORS
-        })
+    weights = build(0, old)  # torch.distributed is down: a 1-rank group, on the CPU
     calls: list[int] = []
     prepare = weights._prepare
     monkeypatch.setattr(weights, "_prepare", lambda layer, *a: calls.append(layer) or
