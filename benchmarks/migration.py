@@ -18,15 +18,22 @@ per layer around the ring: rank ``r`` sends ``M`` experts to ``r+1`` and receive
   P2P into staging, status all-reduce, in-place commit, synchronized);
 - ``migrate``: :meth:`ExpertWeights.migrate` of all ``--tp-layers`` layers (one pre-flight, layers
   grouped by bytes, a group's commit overlapping the next group's transfers), against ``plain``
-  of the same total bytes.
+  of the same total bytes;
+- ``prepared``: the same calls after :meth:`ExpertWeights.prepare` laid them out (untimed, as
+  :class:`MigratingSwitcher` does a step ahead): the call itself only launches copies and posts
+  transfers.
 
 Ratio = plain time / migration time for the same bytes (1.0 = as fast as the raw transport).
 
 **Pause per rebalance.** ``--layers`` layers of ``--slots`` slots per rank, ``E = P - R``
 experts; the new map swaps a ``--churn`` fraction of slots between random ranks (contents keep
 every expert). With ``--layers-per-step N`` (several values allowed; 0 = all layers at once) the
-rebalance moves N layers per forward step: reported are the steps, the longest pause of one step
-(max over ranks of ``ExpertWeights.migrate`` on that step's layers) and the total.
+rebalance moves N layers per forward step, as :class:`MigratingSwitcher` does: a first step
+prepares every call (:meth:`ExpertWeights.prepare`, its copies' GPU work and pre-flight included
+in the step's time), the next steps migrate (``--same-step``: the preparation and the first
+migration in one step, ``prepare_ahead=False``). Reported are the steps, the longest pause of
+one step (max over ranks), the preparation step, the migration steps' sum (``move``) and the
+total, each against plain send/recv of the bytes.
 """
 
 from __future__ import annotations
@@ -95,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=30.0,
                    help="timeout_s of every migration call, as engines pass one (0: none)")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput rows")
+    p.add_argument("--same-step", action="store_true",
+                   help="rebalance: prepare and start migrating in one step "
+                        "(MigratingSwitcher(prepare_ahead=False))")
     p.add_argument("--trace", type=Path,
                    help="NCCL: profile one all-at-once rebalance (torch.profiler) and write "
                         "rank 0's GPU timeline summary here")
@@ -124,8 +134,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Any, device: torch.device) -> float:
-    """Max over ranks of ``fn()``'s wall time, started together after a barrier."""
+def _timed(fn: Any, device: torch.device, setup: Any = None) -> float:
+    """Max over ranks of ``fn()``'s wall time, started together after a barrier (after
+    ``setup()``, untimed, and its device work)."""
+    if setup is not None:
+        setup()
     _sync(device)
     dist.barrier()
     t0 = time.perf_counter()
@@ -137,10 +150,10 @@ def _timed(fn: Any, device: torch.device) -> float:
     return float(took.item())
 
 
-def _median(fn: Any, device: torch.device, iters: int, warmup: int) -> float:
+def _median(fn: Any, device: torch.device, iters: int, warmup: int, setup: Any = None) -> float:
     for _ in range(warmup):
-        _timed(fn, device)
-    return statistics.median(_timed(fn, device) for _ in range(iters))
+        _timed(fn, device, setup)
+    return statistics.median(_timed(fn, device, setup) for _ in range(iters))
 
 
 def _build(layers: int, slots: int, hidden: int, ffn: int, device: torch.device,
@@ -195,17 +208,16 @@ class _Flip:
         self.layer0 = 0  # plans[layer0] applies to layer 0 next
         self.rest = 0  # plans[rest] applies to the other layers next
 
-        # The rollout path verifies a plan once (MigratingSwitcher's first step); these are
-        # verified here, untimed, for the `verified` measurements.
-        for plan in self.plans:
-            assert not weights.preflight(plan, group=self.group)
-
     def one_layer(self, preflight: bool = True) -> None:
         self.weights.migrate_layer(0, self.plans[self.layer0][0], self.group,
                                    preflight=preflight, timeout_s=self.timeout_s)
         self.layer0 ^= 1
 
-    def one_layer_verified(self) -> None:
+    def prepare_one_layer(self) -> None:
+        """Lay out the next :meth:`one_layer` ahead (the rollout path's preparation step)."""
+        assert not self.weights.prepare(self.plans[self.layer0], self.group, layers=[0]).errors()
+
+    def one_layer_prepared(self) -> None:
         self.one_layer(preflight=False)
 
     def all_layers(self, preflight: bool = True) -> None:
@@ -217,7 +229,13 @@ class _Flip:
         self.layer0 ^= 1
         self.rest ^= 1
 
-    def all_layers_verified(self) -> None:
+    def prepare_all_layers(self) -> None:
+        if self.layer0 != self.rest:
+            self.one_layer()
+        assert not self.weights.prepare(self.plans[self.rest], self.group,
+                                        group_bytes=self.group_bytes).errors()
+
+    def all_layers_prepared(self) -> None:
         self.all_layers(preflight=False)
 
 
@@ -230,11 +248,13 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
         flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world,
                      _group_bytes(args), _timeout(args), args.migration_pg)
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
-        t_layer_v = _median(flip.one_layer_verified, device, args.iters, args.warmup)
+        t_layer_p = _median(flip.one_layer_prepared, device, args.iters, args.warmup,
+                            flip.prepare_one_layer)
         if flip.layer0 != flip.rest:
             flip.one_layer()  # align layer 0 with the others before timing all layers
         t_all = _median(flip.all_layers, device, max(2, args.iters // 2), 1)
-        t_all_v = _median(flip.all_layers_verified, device, max(2, args.iters // 2), 1)
+        t_all_p = _median(flip.all_layers_prepared, device, max(2, args.iters // 2), 1,
+                          flip.prepare_all_layers)
         del weights, flip
         t_plain1 = _median(_plain(rank, world, moves * expert, device), device, args.iters,
                            args.warmup)
@@ -250,15 +270,15 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
             "layer_ms": t_layer * 1e3,
             "layer_gbps": one / t_layer / 1e9,
             "layer_ratio": t_plain1 / t_layer,
-            "layer_verified_ms": t_layer_v * 1e3,
-            "layer_verified_ratio": t_plain1 / t_layer_v,
+            "layer_prepared_ms": t_layer_p * 1e3,
+            "layer_prepared_ratio": t_plain1 / t_layer_p,
             "layers": args.tp_layers,
             "plain_all_ms": t_plain_all * 1e3,
             "migrate_all_ms": t_all * 1e3,
             "migrate_all_gbps": args.tp_layers * one / t_all / 1e9,
             "all_ratio": t_plain_all / t_all,
-            "migrate_all_verified_ms": t_all_v * 1e3,
-            "all_verified_ratio": t_plain_all / t_all_v,
+            "migrate_all_prepared_ms": t_all_p * 1e3,
+            "all_prepared_ratio": t_plain_all / t_all_p,
         })
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -318,10 +338,38 @@ def _rebalance(rank: int, world: int, args: argparse.Namespace, device: torch.de
     return weights, (plan_transfers(old, new, world), plan_transfers(new, old, world))
 
 
-def _all_at_once(weights: ExpertWeights, plan: Any, args: argparse.Namespace) -> None:
-    """Every changed layer of ``plan`` in one verified call (the rollout path's one step)."""
-    _checked(weights, plan, list(plan.changed_layers), None, _group_bytes(args), _timeout(args),
-             args.migration_pg)
+def _all_at_once(weights: ExpertWeights, plan: Any, args: argparse.Namespace) -> Any:
+    """Prepare every changed layer of ``plan`` as one call now; return the call (the rollout
+    path's migration step, after its preparation step)."""
+    layers = list(plan.changed_layers)
+    assert not weights.prepare(plan, args.migration_pg, layers=layers,
+                               group_bytes=_group_bytes(args)).errors()
+    return lambda: _checked(weights, plan, layers, _group_bytes(args), _timeout(args),
+                            args.migration_pg)
+
+
+class _Rollout:
+    """One rebalance the way :class:`MigratingSwitcher` runs it: one preparation of every call
+    (``layers_per_step`` changed layers each), then one migration call per step."""
+
+    def __init__(self, weights: ExpertWeights, plan: Any, per_step: int,
+                 args: argparse.Namespace) -> None:
+        self.weights, self.plan, self.args = weights, plan, args
+        self.todo = list(plan.changed_layers)
+        chunk = per_step or len(self.todo)
+        self.calls = [self.todo[i:i + chunk] for i in range(0, len(self.todo), chunk)]
+        self.preparation: Any = None
+
+    def prepare(self) -> None:
+        self.preparation = self.weights.prepare(
+            self.plan, self.args.migration_pg, layers=self.todo, calls=self.calls,
+            group_bytes=_group_bytes(self.args))
+
+    def move(self, n: int = 0) -> None:
+        if n == 0:  # the first migration reads the pre-flight's verdict
+            assert not self.preparation.errors()
+        _checked(self.weights, self.plan, self.calls[n], _group_bytes(self.args),
+                 _timeout(self.args), self.args.migration_pg)
 
 
 def _pause(rank: int, world: int, args: argparse.Namespace,
@@ -330,36 +378,40 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
     rows = []
     fwd = True
     for per_step in args.layers_per_step:
-        chunk = per_step or args.layers
-        pauses, totals = [], []
+        pauses, totals, prepares = [], [], []
         for rep in range(max(2, args.iters // 2) + 1):
             plan = forward if fwd else backward
             fwd = not fwd
-            step_pauses = []
-            for lo in range(0, args.layers, chunk):
-                layers = list(range(lo, min(lo + chunk, args.layers)))
-                # The rollout path: the first step verifies every layer (one pre-flight).
-                first = list(plan.changed_layers) if lo == 0 else None
-                step_pauses.append(_timed(
-                    lambda ls=layers, p=plan, f=first: _checked(
-                        weights, p, ls, f, _group_bytes(args), _timeout(args), args.migration_pg),
-                    device))
+            rollout = _Rollout(weights, plan, per_step, args)
+            if args.same_step:  # MigratingSwitcher(prepare_ahead=False)
+                step_pauses = [_timed(lambda r=rollout: (r.prepare(), r.move(0)), device)]
+            else:  # the preparation step, then the first migration step
+                step_pauses = [_timed(rollout.prepare, device), _timed(rollout.move, device)]
+            for n in range(1, len(rollout.calls)):
+                step_pauses.append(_timed(lambda r=rollout, n=n: r.move(n), device))
             if rep:  # the first is warm-up
                 pauses.append(max(step_pauses))
                 totals.append(sum(step_pauses))
+                prepares.append(0.0 if args.same_step else step_pauses[0])
         mine = sum(len(lt.receives(rank)) for lt in forward)
         plain = _median(_plain_plan(rank, world, forward, 3 * args.hidden * args.ffn, device),
                         device, max(2, args.iters // 2), 1)
+        moves = [t - p for t, p in zip(totals, prepares, strict=True)]
         rows.append({
             "layers_per_step": per_step,
-            "steps": -(-args.layers // chunk),
+            "steps": len(step_pauses),
+            "same_step": args.same_step,
             "max_pause_ms": statistics.median(pauses) * 1e3,
+            "prepare_ms": statistics.median(prepares) * 1e3,
+            "move_ms": statistics.median(moves) * 1e3,
+            "move_ms_runs": [round(t * 1e3, 3) for t in moves],
             "total_ms": statistics.median(totals) * 1e3,
             "total_ms_runs": [round(t * 1e3, 3) for t in totals],
             "transfers": forward.num_transfers,
             "local_copies": forward.num_local_copies,
             "mib_received_rank": mine * 3 * args.hidden * args.ffn / MiB,
             "plain_ms": plain * 1e3,
+            "move_ratio": plain / statistics.median(moves),
             "ratio": plain / statistics.median(totals),
         })
     return rows
@@ -373,11 +425,9 @@ def _timeout(args: argparse.Namespace) -> float | None:
     return args.timeout_s or None
 
 
-def _checked(weights: ExpertWeights, plan: Any, layers: list[int],
-             verify: list[int] | None, group_bytes: int | None,
+def _checked(weights: ExpertWeights, plan: Any, layers: list[int], group_bytes: int | None,
              timeout_s: float | None, group: Any = None) -> None:
-    if verify is not None:
-        assert not weights.preflight(plan, group, layers=verify)
+    """One migration call of verified (prepared) layers; every layer must apply."""
     report = weights.migrate(plan, group, layers=layers, preflight=False, group_bytes=group_bytes,
                              timeout_s=timeout_s)
     assert not report.failed, report.failed
@@ -430,8 +480,8 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
             device: torch.device) -> list[dict[str, Any]]:
     """Host phase times of three migrations (rank 0's view)."""
     out = []
-    for name, moves, layers in (("1 layer x 1 expert, verified", 1, 1),
-                                ("4 layers x 8 experts, verified", 8, args.tp_layers)):
+    for name, moves, layers in (("1 layer x 1 expert, prepared", 1, 1),
+                                ("4 layers x 8 experts, prepared", 8, args.tp_layers)):
         log = _PhaseLog()
         weights = _build(layers, max(args.slots, moves), args.hidden, args.ffn, device, rank,
                          args, tracer=log)
@@ -439,22 +489,27 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
                      _group_bytes(args), _timeout(args), args.migration_pg)
         for i in range(args.warmup + args.iters):
             log.on = i >= args.warmup
-            _timed(flip.all_layers_verified, device)
+            _timed(flip.all_layers_prepared, device, flip.prepare_all_layers)
         out.append({"case": name, "phases": log.medians()})
         del weights, flip
     log = _PhaseLog()
     weights, plans = _rebalance(rank, world, args, device, log)
     for i in range(args.warmup + args.iters // 2 * 2):
         log.on = i >= args.warmup
-        _timed(lambda p=plans[i % 2]: _all_at_once(weights, p, args), device)
-    out.append({"case": f"rebalance, {args.layers} layers at once", "phases": log.medians()})
+        log.on = False  # the preparation (untimed) runs no migration phase anyway
+        move = _all_at_once(weights, plans[i % 2], args)
+        log.on = i >= args.warmup
+        _timed(move, device)
+    out.append({"case": f"rebalance, {args.layers} layers at once, prepared",
+                "phases": log.medians()})
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
 def _trace(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> str:
-    """GPU timeline of one all-at-once rebalance (after two untimed ones), summarised: busy
+    """GPU timeline of one all-at-once rebalance's migration step (prepared before, outside
+    the profile; after two untimed rebalances), summarised: busy
     time of the NCCL kernels and of the copies, their overlap, the transport's idle gaps."""
     import tempfile
 
@@ -462,9 +517,11 @@ def _trace(rank: int, world: int, args: argparse.Namespace, device: torch.device
 
     weights, plans = _rebalance(rank, world, args, device)
     for p in plans:
-        _timed(lambda p=p: _all_at_once(weights, p, args), device)
+        _timed(_all_at_once(weights, p, args), device)
+    move = _all_at_once(weights, plans[0], args)
+    _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        took = _timed(lambda: _all_at_once(weights, plans[0], args), device)
+        took = _timed(move, device)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -475,19 +532,21 @@ def _trace(rank: int, world: int, args: argparse.Namespace, device: torch.device
 
 
 def _host_profile(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> str:
-    """cProfile of one all-at-once rebalance (after two untimed ones): where the host goes."""
+    """cProfile of one all-at-once rebalance's migration step (prepared before, outside the
+    profile; after two untimed rebalances): where the host goes."""
     import cProfile
     import io
     import pstats
 
     weights, plans = _rebalance(rank, world, args, device)
     for p in plans:
-        _timed(lambda p=p: _all_at_once(weights, p, args), device)
+        _timed(_all_at_once(weights, p, args), device)
+    move = _all_at_once(weights, plans[0], args)
     profiler = cProfile.Profile()
     _sync(device)
     dist.barrier()
     profiler.enable()
-    _all_at_once(weights, plans[0], args)
+    move()
     profiler.disable()
     _sync(device)
     out = io.StringIO()
@@ -616,37 +675,41 @@ def markdown(res: dict[str, Any]) -> str:
         f"{_ramp_text(res['config'])}.",
         "",
         "One layer per call, then `layers` layers per call; `ratio` = plain / migration for "
-        "the same bytes. `verified`: without the pre-flight all-reduce, as `MigratingSwitcher` "
-        "migrates after verifying the whole rollout once.",
+        "the same bytes. `prepared`: the call after `ExpertWeights.prepare` laid it out and "
+        "ran its pre-flight (untimed), as `MigratingSwitcher` does a step ahead.",
         "",
         "| moves/rank | MiB each way | plain ms | plain GB/s | migrate_layer ms | ratio "
-        "| verified ms | ratio | layers | plain ms | migrate ms | ratio | verified ms | ratio |",
+        "| prepared ms | ratio | layers | plain ms | migrate ms | ratio | prepared ms | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["throughput"]:
         lines.append(
             f"| {r['moves']} | {r['mib_each_way']:.1f} | {r['plain_ms']:.3f} | "
             f"{r['plain_gbps']:.2f} | {r['layer_ms']:.3f} | {r['layer_ratio']:.2f} | "
-            f"{r['layer_verified_ms']:.3f} | {r['layer_verified_ratio']:.2f} | "
+            f"{r['layer_prepared_ms']:.3f} | {r['layer_prepared_ratio']:.2f} | "
             f"{r['layers']} | {r['plain_all_ms']:.3f} | {r['migrate_all_ms']:.3f} | "
-            f"{r['all_ratio']:.2f} | {r['migrate_all_verified_ms']:.3f} | "
-            f"{r['all_verified_ratio']:.2f} |"
+            f"{r['all_ratio']:.2f} | {r['migrate_all_prepared_ms']:.3f} | "
+            f"{r['all_prepared_ratio']:.2f} |"
         )
     cfg = res["config"]
     lines += [
         "",
         f"Pause per rebalance: {cfg['layers']} layers x {cfg['slots']} slots/rank, churn "
-        f"{cfg['churn']}; the rollout path (one pre-flight on the first step). `plain`: one "
-        "send/recv per peer of the same bytes; `ratio` = plain / total.",
+        f"{cfg['churn']}; the rollout path: "
+        + ("preparation and first migration in one step" if cfg.get("same_step") else
+           "a preparation step (its device work included), then the migration steps")
+        + ". `plain`: one send/recv per peer of the same bytes; `move` = the migration steps; "
+        "ratios = plain / move and plain / total.",
         "",
-        "| layers/step | steps | longest pause ms | total ms | plain ms | ratio | transfers "
-        "| local copies | MiB received (rank 0) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layers/step | steps | longest pause ms | prepare ms | move ms | total ms | plain ms "
+        "| move ratio | total ratio | transfers | local copies | MiB received (rank 0) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["pause"]:
         lines.append(
             f"| {r['layers_per_step'] or 'all'} | {r['steps']} | {r['max_pause_ms']:.2f} | "
-            f"{r['total_ms']:.2f} | {r['plain_ms']:.2f} | {r['ratio']:.2f} | "
+            f"{r['prepare_ms']:.2f} | {r['move_ms']:.2f} | {r['total_ms']:.2f} | "
+            f"{r['plain_ms']:.2f} | {r['move_ratio']:.2f} | {r['ratio']:.2f} | "
             f"{r['transfers']} | {r['local_copies']} | {r['mib_received_rank']:.1f} |"
         )
     for case in res.get("phases", []):

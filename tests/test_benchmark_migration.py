@@ -20,15 +20,18 @@ def test_quick_run_reports_both_tables(tmp_path: Path) -> None:
     assert [r["moves"] for r in res["throughput"]] == [1, 4]
     for row in res["throughput"]:
         assert row["mib_each_way"] * migration.MiB == row["moves"] * res["expert_bytes"]
-        for key in ("plain_ms", "layer_ms", "layer_verified_ms", "migrate_all_ms",
-                    "migrate_all_verified_ms"):
+        for key in ("plain_ms", "layer_ms", "layer_prepared_ms", "migrate_all_ms",
+                    "migrate_all_prepared_ms"):
             assert row[key] > 0, key
         assert abs(row["layer_ratio"] - row["plain_ms"] / row["layer_ms"]) < 1e-9
     steps = {r["layers_per_step"]: r["steps"] for r in res["pause"]}
-    assert steps == {0: 1, 1: 4}  # 4 layers: all at once, or one per step
+    # 4 layers: a preparation step, then all at once or one per step
+    assert steps == {0: 2, 1: 5}
     for row in res["pause"]:
         assert row["transfers"] > 0 and row["mib_received_rank"] > 0
-        assert row["max_pause_ms"] <= row["total_ms"] + 1e-9
+        assert 0 < row["prepare_ms"] <= row["max_pause_ms"] <= row["total_ms"] + 1e-9
+        assert abs(row["prepare_ms"] + row["move_ms"] - row["total_ms"]) < 0.05 * row["total_ms"]
         assert row["plain_ms"] > 0 and row["ratio"] > 0
+        assert row["move_ratio"] > row["ratio"]
     text = md.read_text()
-    assert "verified ms" in text and "longest pause ms" in text
+    assert "prepared ms" in text and "longest pause ms" in text and "move ratio" in text

@@ -36,6 +36,17 @@ def test_copies_every_range_with_copy_on_cpu() -> None:
     assert torch.equal(dst, expected)
 
 
+def test_compiled_programs_copy_every_range_on_cpu() -> None:
+    copier = ByteCopier()
+    batches = [_ranges(torch.device("cpu"), seed) for seed in (2, 3)]
+    programs = copier.compile([ranges for ranges, _, _ in batches] + [[]])
+    assert all(p.table is None for p in programs)  # copy_ per range off CUDA
+    for program, (_, dst, expected) in zip(programs, batches, strict=False):
+        copier.launch(program)
+        assert torch.equal(dst, expected)
+    copier.launch(programs[-1])  # an empty program: nothing to do
+
+
 def test_max_programs_must_be_positive() -> None:
     ranges, dst, _ = _ranges(torch.device("cpu"), 0)
     with pytest.raises(ValueError, match="max_programs"):
@@ -59,3 +70,27 @@ def test_one_launch_equals_copy_on_cuda(batched: bool, max_programs: int | None)
         copier.run(ranges + extra, max_programs=max_programs)
         torch.cuda.synchronize()
         assert torch.equal(dst, expected), seed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not batched_copy_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("max_programs", [None, 1, 3])
+def test_compiled_programs_equal_copy_on_cuda(max_programs: int | None) -> None:
+    """Tables compiled ahead (one upload for several programs), launched later on another
+    stream, capped or not: the same bytes as ``copy_``; a program is reusable."""
+    copier = ByteCopier()
+    device = torch.device("cuda")
+    batches = [_ranges(device, seed) for seed in range(5)]
+    programs = copier.compile([ranges for ranges, _, _ in batches])
+    assert all(p.table is not None and p.plain for p in programs)  # both paths in each
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):  # the launch orders itself after the upload
+        for program in programs:
+            copier.launch(program, max_programs=max_programs)
+    torch.cuda.synchronize()
+    for seed, (_, dst, expected) in enumerate(batches):
+        assert torch.equal(dst, expected), seed
+        dst.zero_()
+    copier.launch(programs[0], max_programs=max_programs)
+    torch.cuda.synchronize()
+    assert torch.equal(batches[0][1], batches[0][2])

@@ -168,7 +168,9 @@ def test_inband_rollouts_with_layers_per_step_and_a_rollback() -> None:
     for rank in run.ranks:
         assert rank.extra["active_version"] == 4 and rank.weights_ok
         stats = rank.extra["migration"]
-        assert [s["steps"] for s in stats] == [3, 3, 3, 3]  # one layer per step
+        # the preparation step (prepare_ahead), then one layer per step
+        assert [s["steps"] for s in stats] == [4, 4, 4, 4]
+        assert all(0 < s["prepare_ms"] <= s["max_step_pause_ms"] for s in stats)
         assert [s["rolled_back"] for s in stats] == [0, 0, 2, 0]
     versions = [s.version for s in run.ranks[0].steps]
     assert versions == sorted(versions) and versions[-1] == 4 and 3 not in versions

@@ -120,7 +120,24 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int,
     for layer in back.changed_layers:
         weights.migrate(back, group, layers=[layer], preflight=False)
     out["bad_verified"] = mismatches(weights, rank, maps[0])
-    weights.migrate(plan_transfers(maps[0], maps[-1], world, nodes), group)
+    # Laid out ahead (MigratingSwitcher's path): prepare() lays out two calls (the first
+    # packs its first group at once), the verdict is read, then the calls run without any
+    # host layout. The second call runs first, so the first call's pre-packed buffer is stale
+    # by then and must be packed again (else it would send the second call's bytes).
+    fwd = plan_transfers(maps[0], maps[-1], world, nodes)
+    layers = list(fwd.changed_layers)
+    calls = [layers[:1], layers[1:]]
+    out["prepared"] = weights.prepare(fwd, group, calls=calls, group_bytes=1).errors()
+    laid: list[str] = []
+    lay_out, run = weights._lay_out, weights._copier.run
+    weights._lay_out = lambda *a: laid.append("lay_out") or lay_out(*a)  # type: ignore[method-assign]
+    weights._copier.run = lambda *a: laid.append("run") or run(*a)  # type: ignore[method-assign]
+    for call in reversed(calls):
+        out["failed"].append(dict(weights.migrate(fwd, group, layers=call, preflight=False,
+                                                  group_bytes=1).failed))
+    weights._lay_out, weights._copier.run = lay_out, run  # type: ignore[method-assign]
+    out["laid_out_on_the_fly"] = laid
+    out["bad_prepared"] = mismatches(weights, rank, maps[-1])
     out["pointers_kept"] = pointers(weights) == before
     # An empty layer migrates as a no-op (every rank still makes the collectives).
     stats = weights.migrate_layer(0, plan_transfers(maps[-1], maps[-1], world, nodes)[0], group)
@@ -185,6 +202,13 @@ def _failures(rank: int, world: int, seed: int, in_flight: int = 1) -> dict[str,
     out["preflight"] = {layer: (e.phase, e.reason)
                         for layer, e in weights.preflight(wrong, layers=[1]).items()}
 
+    # 3c. The same found by prepare(): a call laid out for those layers reads its verdict,
+    # even without a pre-flight of its own, and refuses on every rank.
+    weights.prepare(wrong, layers=[1])
+    report = weights.migrate(wrong, layers=[1], preflight=False)
+    out["prepared_refused"] = (sorted(report.failed), report.errors[1].phase,
+                               report.errors[1].reason)
+
     # 4. One rank cannot take part (the last passes another layer's list): refused by all.
     try:
         weights.migrate_layer(1, plan[2] if rank == world - 1 else plan[1])
@@ -231,12 +255,14 @@ def _timeout(rank: int, world: int, seed: int) -> dict[str, Any]:
 
 def _check_chain(results: list[dict[str, Any]]) -> None:
     for rank, out in enumerate(results):
-        assert out["failed"] == [{}] * 4, rank
+        assert out["failed"] == [{}] * 6, rank  # 4 hops, then 2 prepared calls
         assert out["bad"] == [[]] * 4, rank
         assert out["pointers_kept"], rank
         assert 1 not in out["layers"][1]  # unchanged layer skipped
         assert out["noop"] == (0, 0)
         assert out["verified"] == {} and out["bad_verified"] == [], rank
+        assert out["prepared"] == {} and out["bad_prepared"] == [], rank
+        assert out["laid_out_on_the_fly"] == [], rank  # the prepared calls only launched
     assert sum(out["bytes"] for out in results) > 0
 
 
@@ -256,6 +282,7 @@ def _check_failures(results: list[dict[str, Any]]) -> None:
         assert out["mismatch"] == ("preflight", "ranks computed different plans"), rank
         assert out["not_ready"] == ("preflight", last), rank
         assert out["preflight"] == {1: ("preflight", "ranks computed different plans")}, rank
+        assert out["prepared_refused"] == ([1], "preflight", "ranks computed different plans")
         assert out["still_old_after_refusals"], rank
         assert out["final_ok"] and out["pointers_kept"], rank
 
@@ -455,3 +482,63 @@ def test_migration_after_a_preflight_reuses_its_preparation(monkeypatch: Any) ->
     back = plan_transfers(new, old, 1)
     weights.migrate(back, preflight=False)
     assert calls == [0, 1, 2, 2, 0, 1, 2] and mismatches(weights, 0, old) == []
+
+
+def test_prepare_checks_its_calls() -> None:
+    old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
+    new = np.array([[1, 0, 2], [1, 2, 0], [0, 2, 1]])
+    weights = build(0, old)
+    plan = plan_transfers(old, new, 1)
+    for calls in ([[0], [0, 1]], [[0, 1], [5]]):
+        with pytest.raises(ValueError, match="calls must be disjoint subsets of layers"):
+            weights.prepare(plan, calls=calls)
+    assert mismatches(weights, 0, old) == []  # nothing moved
+
+
+def test_a_prepared_call_survives_another_call_in_between() -> None:
+    """One rank, on the CPU: local copies that overwrite their own source are staged (packed)
+    into the first call's buffer by prepare(). A migration of another layer in between
+    reuses that buffer; the prepared call then packs again and still writes the right bytes,
+    and a second migration of the same call (not prepared any more) lays out on the fly."""
+    old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
+    new = np.array([[1, 0, 2], [1, 2, 0], [0, 2, 1]])  # swaps: every layer stages
+    weights = build(0, old)
+    plan = plan_transfers(old, new, 1)
+    assert weights.prepare(plan, calls=[[0, 1]]).errors() == {}
+    other = weights.migrate(plan, layers=[2])  # not a prepared call: buffer 0 reused
+    assert other.applied_layers == (2,)
+    report = weights.migrate(plan, layers=[0, 1], preflight=False)
+    assert report.applied_layers == (0, 1) and mismatches(weights, 0, new) == []
+    back = plan_transfers(new, old, 1)
+    assert weights.migrate(back).applied_layers == (0, 1, 2)
+    assert mismatches(weights, 0, old) == []
+
+
+def test_rollout_prepares_at_the_agreed_step_and_moves_at_the_next() -> None:
+    """MigratingSwitcher: the agreed step only prepares (no map change), the next step
+    moves and switches; ``prepare_ahead=False`` does both in the agreed step."""
+    from worker_agent.migration import MigratingSwitcher
+    from worker_agent.recording import ExpertLoadRecorder, PlacementView, Snapshotter
+
+    old = np.array([[0, 1, 2], [2, 1, 0], [0, 1, 2]])
+    new = np.array([[1, 0, 2], [1, 2, 0], [0, 1, 2]])
+
+    class Plan:
+        version = 1
+        phy2log = new
+
+    class Settings:
+        layers_per_step = 0
+
+    for ahead, steps in ((True, [False, True]), (False, [True])):
+        weights = build(0, old)
+        view = PlacementView(old.copy(), 3)
+        switcher = MigratingSwitcher(weights, Snapshotter(ExpertLoadRecorder(view)),
+                                     num_ranks=1, prepare_ahead=ahead)
+        switcher.begin(0, Plan(), Settings())
+        done = [switcher.advance(step) for step in range(len(steps))]
+        assert done == steps and view.version == 1
+        assert np.array_equal(view.host_phy2log(), new) and mismatches(weights, 0, new) == []
+        stats = switcher.last_stats
+        assert stats is not None and stats.steps == len(steps) and stats.prepare_ms > 0
+        assert stats.total_pause_ms >= stats.max_step_pause_ms >= stats.prepare_ms

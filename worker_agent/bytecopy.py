@@ -15,6 +15,10 @@ small layers the host, not the GPU, sets the pace. A :class:`ByteCopier` runs a 
 - with fewer than :data:`MIN_BATCH` ranges, on CPU, without Triton or with ``batched=False``:
   one ``copy_`` per range.
 
+:meth:`ByteCopier.compile` does the host part ahead of time: it turns lists of ranges known
+early (a migration's, when its plan arrives) into :class:`CopyProgram` objects whose tables are
+already on the device, so that :meth:`ByteCopier.launch` later costs one kernel launch.
+
 The ranges of one call must not overlap each other's destinations, nor read another's
 destination: they run in any order. Everything is queued on the current stream; the tensors
 must stay alive until it ran (they do: the engine's weights and the migration's staging
@@ -24,11 +28,13 @@ buffers).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["ByteCopier", "CopyRange", "batched_copy_available"]
+__all__ = ["ByteCopier", "CopyProgram", "CopyRange", "batched_copy_available"]
 
 #: ``(dst, dst_offset, src, src_offset, nbytes)``: flat uint8 tensors and byte offsets.
 CopyRange = tuple[torch.Tensor, int, torch.Tensor, int, int]
@@ -99,6 +105,64 @@ def _copy(r: CopyRange) -> None:
     dst[do:do + n].copy_(src[so:so + n])
 
 
+def _check_cap(max_programs: int | None) -> None:
+    if max_programs is not None and max_programs < 1:
+        raise ValueError(f"max_programs must be >= 1 or None, got {max_programs}")
+
+
+def _fill(table: np.ndarray, ranges: list[CopyRange]) -> tuple[int, int, int, list[CopyRange]]:
+    """Write the aligned ``ranges`` into ``table [>= len(ranges), 4]`` (source address,
+    destination address, words, first chunk). Returns (rows, chunks, longest range in chunks,
+    the unaligned ranges, left for ``copy_``)."""
+    rows = 0
+    chunks = 0  # chunks of the rows so far: the next row's first chunk
+    longest = 0
+    plain: list[CopyRange] = []
+    for r in ranges:
+        dst, do, src, so, n = r
+        s_addr, d_addr = src.data_ptr() + so, dst.data_ptr() + do
+        if (s_addr | d_addr | n) % _WORD:
+            plain.append(r)
+            continue
+        words = n // _WORD
+        table[rows] = (s_addr, d_addr, words, chunks)
+        own = -(-words // _CHUNK_WORDS)
+        chunks += own
+        longest = max(longest, own)
+        rows += 1
+    return rows, chunks, longest, plain
+
+
+def _launch(kernels: Any, table: torch.Tensor, rows: int, chunks: int, longest: int,
+            max_programs: int | None) -> None:
+    """One launch over ``table [rows, 4]`` (on the device) on the current stream."""
+    copy_ranges, copy_ranges_capped = kernels
+    if max_programs is None or max_programs >= chunks:
+        copy_ranges[(rows, longest)](table, CHUNK=_CHUNK_WORDS, BLOCK=1024, num_warps=4)
+    else:
+        # few programs: each moves 64 KiB per step with 8 warps, to keep enough bytes in
+        # flight per SM (a 4-warp, 8 KiB step waits on memory latency)
+        copy_ranges_capped[(max_programs,)](
+            table, rows, chunks, max_programs, CHUNK=_CHUNK_WORDS, BLOCK=8192, num_warps=8
+        )
+
+
+@dataclass(eq=False)
+class CopyProgram:
+    """Ranges compiled by :meth:`ByteCopier.compile`: on the one-launch path, ``table``
+    ``[rows, 4]`` is on the device and ``plain`` holds the unaligned ranges; otherwise
+    ``table`` is ``None`` and :meth:`ByteCopier.launch` runs ``copy_`` per range."""
+
+    ranges: list[CopyRange]
+    table: torch.Tensor | None = None
+    rows: int = 0
+    chunks: int = 0
+    longest: int = 0
+    plain: list[CopyRange] = field(default_factory=list)
+    _host: Any = None  # the pinned table
+    _uploaded: Any = None  # CUDA event after the table's upload
+
+
 class _TableSlot:
     """A pinned host table, its device copy and the event after the launch that read it."""
 
@@ -124,47 +188,81 @@ class ByteCopier:
     def run(self, ranges: list[CopyRange], max_programs: int | None = None) -> None:
         """Queue every copy of ``ranges`` on the current stream. ``max_programs`` caps the
         programs of the one-launch path (``None``: one per 128 KiB chunk)."""
+        _check_cap(max_programs)
         if not ranges:
             return
-        if max_programs is not None and max_programs < 1:
-            raise ValueError(f"max_programs must be >= 1 or None, got {max_programs}")
         device = ranges[0][0].device
-        kernels = _kernels() if self.batched and device.type == "cuda" else None
-        if kernels is None or len(ranges) < MIN_BATCH:
+        kernels = self._kernels(ranges)
+        if kernels is None:
             for r in ranges:
                 _copy(r)
             return
         slot = self._slot(len(ranges), device)
-        table = slot.host.numpy()  # written in place: pinned, uploaded below
-        rows = 0
-        chunks = 0  # chunks of the rows so far: the next row's first chunk
-        longest = 0
-        for r in ranges:
-            dst, do, src, so, n = r
-            s_addr, d_addr = src.data_ptr() + so, dst.data_ptr() + do
-            if (s_addr | d_addr | n) % _WORD:
-                _copy(r)  # unaligned: the plain path
-                continue
-            words = n // _WORD
-            table[rows] = (s_addr, d_addr, words, chunks)
-            own = -(-words // _CHUNK_WORDS)
-            chunks += own
-            longest = max(longest, own)
-            rows += 1
+        # written in place: pinned, uploaded below
+        rows, chunks, longest, plain = _fill(slot.host.numpy(), ranges)
+        for r in plain:
+            _copy(r)  # unaligned: the plain path
         if not chunks:  # no aligned range, or only empty ones
             return
         dev = slot.device[:rows]
         dev.copy_(slot.host[:rows], non_blocking=True)
-        copy_ranges, copy_ranges_capped = kernels
-        if max_programs is None or max_programs >= chunks:
-            copy_ranges[(rows, longest)](dev, CHUNK=_CHUNK_WORDS, BLOCK=1024, num_warps=4)
-        else:
-            # few programs: each moves 64 KiB per step with 8 warps, to keep enough bytes in
-            # flight per SM (a 4-warp, 8 KiB step waits on memory latency)
-            copy_ranges_capped[(max_programs,)](
-                dev, rows, chunks, max_programs, CHUNK=_CHUNK_WORDS, BLOCK=8192, num_warps=8
-            )
+        _launch(kernels, dev, rows, chunks, longest, max_programs)
         slot.event = torch.cuda.current_stream(device).record_event()
+
+    def compile(self, batches: list[list[CopyRange]]) -> list[CopyProgram]:
+        """One :class:`CopyProgram` per list of ranges, for :meth:`launch` later. On the
+        one-launch path every table goes to the device now, in one upload queued on the current
+        stream; :meth:`launch` orders its stream after that upload. The programs hold the
+        ranges' tensors: their memory stays valid while a program lives.
+        """
+        programs = [CopyProgram(list(ranges)) for ranges in batches]
+        batched = [p for p in programs if p.ranges and self._kernels(p.ranges) is not None]
+        if not batched:
+            return programs
+        device = batched[0].ranges[0][0].device
+        total = sum(len(p.ranges) for p in batched)
+        host = torch.empty((total, _COLS), dtype=torch.int64, pin_memory=True)
+        table = host.numpy()
+        at = 0
+        spans = []
+        for p in batched:
+            rows, p.chunks, p.longest, p.plain = _fill(table[at:], p.ranges)
+            spans.append((p, at, rows))
+            at += rows
+        dev = torch.empty((max(at, 1), _COLS), dtype=torch.int64, device=device)
+        dev[:at].copy_(host[:at], non_blocking=True)
+        for p, lo, rows in spans:
+            p.rows = rows
+            p.table = dev[lo:lo + rows]
+        # the pinned table must outlive its upload: the programs hold it
+        event = torch.cuda.current_stream(device).record_event()
+        for p, _, _ in spans:
+            p._host = host
+            p._uploaded = event
+        return programs
+
+    def launch(self, program: CopyProgram, max_programs: int | None = None) -> None:
+        """Queue ``program``'s copies on the current stream (see :meth:`run`)."""
+        _check_cap(max_programs)
+        if program.table is None:
+            for r in program.ranges:
+                _copy(r)
+            return
+        for r in program.plain:
+            _copy(r)
+        if program.chunks:
+            if program._uploaded is not None:  # the table's upload, if queued on another stream
+                torch.cuda.current_stream(program.table.device).wait_event(program._uploaded)
+            kernels = _kernels()
+            assert kernels is not None  # a table was built
+            _launch(kernels, program.table, program.rows, program.chunks, program.longest,
+                    max_programs)
+
+    def _kernels(self, ranges: list[CopyRange]) -> Any:
+        """The Triton kernels if ``ranges`` take the one-launch path, else ``None``."""
+        if not self.batched or len(ranges) < MIN_BATCH or ranges[0][0].device.type != "cuda":
+            return None
+        return _kernels()
 
     def _slot(self, rows: int, device: torch.device) -> _TableSlot:
         """The next ring slot, once the launch that last used it has run."""

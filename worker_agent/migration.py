@@ -58,6 +58,7 @@ map rows right after its weights are in place, and rolls switched layers back on
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import time
@@ -70,7 +71,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from worker_agent.bytecopy import ByteCopier, CopyRange
+from worker_agent.bytecopy import ByteCopier, CopyProgram, CopyRange
 from worker_agent.transfers import LayerTransfers, TransferPlan, plan_transfers
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "MigrationError",
     "MigrationReport",
     "PhaseTracer",
+    "Preparation",
     "RolloutMigrationStats",
     "migration_group",
 ]
@@ -331,7 +333,10 @@ class ExpertWeights:
         self._overlap = False  # this call packs on the side stream
         self._calls = 0  # layers attempted so far: the same on every rank (P2P tags)
         self._comms: dict[int | None, _Comm] = {}  # per process group (vote buffers)
-        self._buffer = 0  # staging buffer of the last group
+        # Calls laid out ahead by the last prepare(): layers -> their groups, buffers, copies
+        self._prepared: dict[tuple[int, ...], _Prepared] = {}
+        self._preparation: Preparation | None = None  # the last prepare()'s pre-flight
+        self._runs = 0  # migration calls so far (a call's pre-packed group is stale after one)
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -455,18 +460,77 @@ class ExpertWeights:
         ``layers`` (default: every changed layer of ``plan``) with the same plan and the same
         registered tensor layouts. Returns layer -> error for the layers that cannot (the same
         on every rank); nothing moves. After an empty result the caller may migrate these
-        layers with ``preflight=False``."""
+        layers with ``preflight=False``. Same as ``prepare(plan, group, layers=layers).errors()``.
+        """
+        return self.prepare(plan, group, layers=layers).errors()
+
+    def prepare(
+        self,
+        plan: TransferPlan,
+        group: Any = None,
+        *,
+        layers: Iterable[int] | None = None,
+        calls: Sequence[Sequence[int]] | None = None,
+        group_bytes: int | None = None,
+    ) -> Preparation:
+        """Start the pre-flight of ``layers`` (default: every changed layer of ``plan``) and
+        lay out, ahead of time, the migration calls that will move them (collective over
+        ``group``: every rank calls it with the same arguments).
+
+        ``calls`` lists the ``layers`` argument of each later :meth:`migrate` call (disjoint
+        subsets of ``layers``; default: one call of every layer) and ``group_bytes`` the value
+        those calls pass. For each call this does the host work of a migration now: each
+        layer's transfers, the groups, the staging layouts and buffers, and the copies' tables
+        (uploaded to the device); and it queues the first call's first pack. A matching
+        :meth:`migrate` then only launches copies and posts transfers. It matches when it moves
+        the same layers of the same ``plan`` object with the same ``group_bytes``, no other
+        migration ran in between (else its first group is packed again), and none of its
+        layers was re-registered (else it lays out on the fly, as without ``prepare``). Only
+        the last ``prepare``'s calls are kept.
+
+        The pre-flight all-reduce is posted, not waited for: :meth:`Preparation.errors` reads
+        it (do that before migrating with ``preflight=False``). So a rollout can prepare at
+        one step, while the engine's forward runs on the device, and migrate at the next
+        (:class:`MigratingSwitcher` does).
+        """
         comm = self._comm(group)
         todo = list(plan.changed_layers if layers is None else layers)
+        parts = [list(todo)] if calls is None else [list(c) for c in calls]
+        seen: set[int] = set()
+        for part in parts:
+            for layer in part:
+                if layer in seen or layer not in todo:
+                    raise ValueError(
+                        f"calls: layer {layer} is in two calls or not in layers; calls must "
+                        f"be disjoint subsets of layers {todo}"
+                    )
+                seen.add(layer)
         items: list[tuple[int, Any, FaultHook | None]] = [(layer, plan[layer], None)
                                                           for layer in todo]
         works, reasons = self._prepare_all(items, comm)
-        errors, _ = self._vote_ready(items, works, reasons, comm, stop_on_error=False)
+        try:
+            status: _Status | None = self._post_votes(items, works, comm)
+            post_error = None
+        except Exception as exc:
+            status, post_error = None, str(exc)
         # The verified layers' works, for the migrations that follow (not prepared again).
         self._verified = {layer: (transfers, work)
                           for (layer, transfers, _), work in zip(items, works, strict=True)
-                          if work is not None and layer not in errors}
-        return errors
+                          if work is not None}
+        self._preparation = Preparation(items, reasons, status, post_error)
+        self._prepared = {}
+        by_layer = dict(zip(todo, works, strict=True))
+        for n, part in enumerate(parts):
+            part_works = [by_layer[layer] for layer in part]
+            if not part or any(w is None for w in part_works):
+                continue  # a layer this rank cannot prepare: that call lays out on the fly
+            try:
+                self._prepared[tuple(part)] = self._lay_out_ahead(
+                    plan, [w for w in part_works if w is not None], comm, group_bytes,
+                    pack=n == 0)
+            except Exception:  # e.g. out of memory: that call lays out on the fly (and fails)
+                self._prepared.pop(tuple(part), None)
+        return self._preparation
 
     def migrate_layer(
         self,
@@ -561,10 +625,20 @@ class ExpertWeights:
         comm: _Comm,
         stop_on_error: bool,
     ) -> tuple[dict[int, MigrationError], int]:
-        """The pre-flight all-reduce MIN of ``[ok, rank-if-failed, digest, -digest, layout,
-        -layout]`` per item. Returns (layer -> error, index of the first item not to attempt:
-        ``len(items)`` unless ``stop_on_error`` stopped earlier). A broken exchange fails the
-        first item in phase ``"status"`` and stops at it."""
+        """The pre-flight all-reduce (:meth:`_post_votes`), read at once: see
+        :func:`_vote_errors`."""
+        if not items:
+            return {}, 0
+        try:
+            status = self._post_votes(items, works, comm)
+        except Exception as exc:
+            return _vote_errors(items, reasons, None, str(exc), stop_on_error)
+        return _vote_errors(items, reasons, status, None, stop_on_error)
+
+    def _post_votes(self, items: list[tuple[int, Any, FaultHook | None]],
+                    works: list[_LayerWork | None], comm: _Comm) -> _Status:
+        """Start the pre-flight all-reduce MIN of ``[ok, rank-if-failed, digest, -digest,
+        layout, -layout]`` per item, then ``[settings, -settings]``."""
         votes: list[int] = []
         for (layer, transfers, _), work in zip(items, works, strict=True):
             digest = transfers.digest if isinstance(transfers, LayerTransfers) else 0
@@ -574,37 +648,7 @@ class ExpertWeights:
         # the call's settings: they decide the groups every rank posts
         settings = self._settings_digest()
         votes += [settings, -settings]
-        errors: dict[int, MigrationError] = {}
-        if not items:
-            return errors, 0
-        try:
-            pre = comm.allreduce_min(votes).result()
-        except Exception as exc:
-            first = items[0][0]
-            errors[first] = MigrationError(first, "status", None, f"pre-flight exchange: {exc}")
-            return errors, 0
-        same_settings = pre[-2] == -pre[-1]
-        for i, (layer, _, _) in enumerate(items):
-            v = pre[6 * i:6 * i + 6]
-            if not same_settings:
-                err = MigrationError(
-                    layer, "preflight", None, "ranks use different migration settings "
-                    "(groups_in_flight, ramp_groups): construct ExpertWeights alike everywhere"
-                )
-            elif v[0] != 1:
-                err = MigrationError(layer, "preflight", v[1], reasons[i])
-            elif v[2] != -v[3]:
-                err = MigrationError(layer, "preflight", None, "ranks computed different plans")
-            elif v[4] != -v[5]:
-                err = MigrationError(
-                    layer, "preflight", None, "ranks registered different tensor layouts"
-                )
-            else:
-                continue
-            errors[layer] = err
-            if stop_on_error:
-                return errors, i
-        return errors, len(items)
+        return comm.allreduce_min(votes)
 
     def _run(
         self,
@@ -619,19 +663,27 @@ class ExpertWeights:
 
         Returns (applied stats in order, layer -> error, [(layer not attempted, first failed)]).
         Every branch below depends only on all-reduce results (shared by every rank) and on
-        the plan (the same everywhere, checked by digest), never on rank-local state.
+        the plan (the same everywhere, checked by digest), never on rank-local state. (Whether
+        this rank laid the call out ahead, :meth:`prepare`, changes only its host work: the
+        groups, and so the collectives, are the same either way.)
         """
         self._trace("start")
         comm = self._comm(group)
         skipped: list[tuple[int, int]] = []
+        ahead = self._take_prepared(items, comm, group_bytes)
+        runs, self._runs = self._runs, self._runs + 1
 
         # 1. prepare (rank-local; errors are reported through the pre-flight all-reduce).
         works, reasons = self._prepare_all(items, comm)
 
-        # 2. one pre-flight all-reduce for every layer (unless the caller verified them).
+        # 2. one pre-flight all-reduce for every layer (unless the caller verified them: then
+        # the verdict of the prepare() that verified them, if it covers these layers).
         self._trace("prepared")
-        if preflight:
-            errors, stop_at = self._vote_ready(items, works, reasons, comm, stop_on_error)
+        verdict = None if preflight else self._prepared_verdict(items, stop_on_error)
+        if preflight or verdict is not None:
+            if verdict is None:
+                verdict = self._vote_ready(items, works, reasons, comm, stop_on_error)
+            errors, stop_at = verdict
             self._trace("preflight")
             if any(e.phase == "status" for e in errors.values()):  # the exchange broke
                 skipped += [(layer, items[0][0]) for layer, _, _ in items[1:]]
@@ -649,12 +701,20 @@ class ExpertWeights:
 
         # 3.-6. per group: stage + pack + post, wait + status all-reduce, commit (pipelined).
         groups = self._groups(ready, items, comm.world, group_bytes)
+        first = works[groups[0][0]] if groups else None
+        cuda = first is not None and first.device.type == "cuda"
+        depth = self.groups_in_flight if cuda else 1
+        if ahead is not None and len(ready) == len(items):
+            plans: list[_GroupPlan | None] = list(ahead.groups)
+            assert [p.indices for p in ahead.groups] == groups  # same plan, same cut
+            if ahead.packed_at != runs:  # another call used the buffer since: pack again
+                plans[0].packed = False  # type: ignore[union-attr]
+        else:
+            plans = [None] * len(groups)
         # Packing on the side stream pays (~40 us of host time per group) only when there is
         # a previous group's transfer to overlap. It starts after what the caller queued so
         # far, including the waits on earlier commits of these layers (see _pack).
-        first = works[groups[0][0]] if groups else None
-        self._overlap = (self.side_stream_packing and len(groups) > 1
-                         and first is not None and first.device.type == "cuda")
+        self._overlap = self.side_stream_packing and len(groups) > 1 and cuda
         if self._overlap:
             assert first is not None
             self._entry = torch.cuda.current_stream(first.device).record_event()
@@ -663,14 +723,13 @@ class ExpertWeights:
         # pack and post) hides behind the queued transfers. On CPU (gloo) one: the commit, a
         # memcpy on this thread, overlaps the next group's transfer, which gloo runs in the
         # background.
-        cuda = first is not None and first.device.type == "cuda"
-        depth = self.groups_in_flight if cuda else 1
         pending: deque[_Group] = deque()
         done: dict[int, LayerMigrationStats] = {}
         stop_all = False
-        for indices in groups:
+        for g, indices in enumerate(groups):
+            plan = plans[g] or self._lay_out(indices, works, g % (depth + 1))
             # a copy issued while an earlier group's transfers run is capped (copy_programs)
-            batch = self._post(indices, items, works, comm, depth, beside=bool(pending))
+            batch = self._post(plan, items, comm, beside=bool(pending))
             if len(pending) == depth:
                 stop_all = self._finish(pending.popleft(), items, errors, done, stop_on_error,
                                         timeout_s, beside=True)
@@ -702,6 +761,44 @@ class ExpertWeights:
                 skipped.append((layer, items[halt][0] if halt is not None else layer))
         return applied, errors, skipped
 
+    def _take_prepared(self, items: list[tuple[int, Any, FaultHook | None]], comm: _Comm,
+                       group_bytes: int | None) -> _Prepared | None:
+        """The call :meth:`prepare` laid out for ``items``, if it still holds (used once)."""
+        prepared = self._prepared.pop(tuple(layer for layer, _, _ in items), None)
+        if prepared is None or prepared.group_bytes != group_bytes:
+            return None
+        for (layer, transfers, _), work in zip(items, prepared.works, strict=True):
+            known, verified = self._verified.get(layer, (None, None))
+            if (known is not transfers or verified is not work or work.world != comm.world
+                    or work.base != comm.rank * self.slots_per_rank):
+                return None  # re-registered or re-prepared since
+        return prepared
+
+    def _prepared_verdict(
+        self, items: list[tuple[int, Any, FaultHook | None]], stop_on_error: bool
+    ) -> tuple[dict[int, MigrationError], int] | None:
+        """The last :meth:`prepare`'s pre-flight verdict on ``items`` (read now if it was not),
+        or ``None`` if it did not cover them with the same plan. Every rank made the same
+        ``prepare`` and migration calls, so every rank takes the same branch here."""
+        prep = self._preparation
+        if prep is None:
+            return None
+        known = {layer: transfers for layer, transfers, _ in prep._items}
+        if any(known.get(layer) is not transfers for layer, transfers, _ in items):
+            return None
+        found = prep.errors()
+        broken = [e for e in found.values() if e.phase == "status"]
+        if broken:  # the pre-flight exchange broke: fail the call's first layer likewise
+            first = items[0][0]
+            return {first: MigrationError(first, "status", None, broken[0].reason)}, 0
+        errors: dict[int, MigrationError] = {}
+        for i, (layer, _, _) in enumerate(items):
+            if layer in found:
+                errors[layer] = found[layer]
+                if stop_on_error:
+                    return errors, i
+        return errors, len(items)
+
     def _groups(self, indices: list[int], items: list[Any], world: int,
                 group_bytes: int | None) -> list[list[int]]:
         """Cut ``indices`` into consecutive groups of about ``group_bytes`` received bytes,
@@ -730,33 +827,88 @@ class ExpertWeights:
         ramp = [target >> k for k in range(self.ramp_groups, 0, -1)]
         return _cut(indices, sizes, target, ramp)
 
-    def _post(self, indices: list[int], items: list[Any], works: list[_LayerWork | None],
-              comm: _Comm, depth: int, beside: bool = False) -> _Group:
-        """Lay out the group's staging buffer, stage local copies, pack the sends, post one
-        receive and one send per peer (see :class:`_Layout`). Staging buffers rotate over
-        ``depth + 1`` (the groups in flight and the one committing)."""
+    def _lay_out(self, indices: list[int], works: Sequence[_LayerWork | None],
+                 buffer: int) -> _GroupPlan:
+        """The staging layout of the group of ``indices`` (staging buffer ``buffer``)."""
+        group = [w for i in indices if (w := works[i]) is not None]
+        layout = _Layout(group)
+        return _GroupPlan(indices, group, buffer, layout.receives, layout.sends, layout.total)
+
+    def _lay_out_ahead(self, plan: TransferPlan, works: list[_LayerWork], comm: _Comm,
+                       group_bytes: int | None, pack: bool) -> _Prepared:
+        """A later call's host work, done now (see :meth:`prepare`): its groups, their staging
+        layouts and buffers, and their copies, compiled; with ``pack``, the first group's pack
+        queued on the current stream."""
+        items: list[Any] = [(w.layer, plan[w.layer], None) for w in works]
+        groups = self._groups(list(range(len(works))), items, comm.world, group_bytes)
+        device = works[0].device
+        depth = self.groups_in_flight if device.type == "cuda" else 1
+        plans = [self._lay_out(indices, works, g % (depth + 1))
+                 for g, indices in enumerate(groups)]
+        for b in range(depth + 1):  # one buffer per index, as large as its largest group
+            need = max((p.total for p in plans if p.buffer == b), default=0)
+            if need:
+                self._staging_buffer(b, need, device)
+        batches: list[list[CopyRange]] = []
+        for p in plans:
+            p.buf = self._staging[p.buffer] if p.total else None
+            for w in p.works:
+                w.staging = p.buf
+            ranges: list[CopyRange] = []
+            for w in p.works:
+                w.stage(ranges)
+                w.pack(ranges)
+            p.commits = []
+            for w in p.works:
+                p.commits.append([])
+                w.commit(p.commits[-1])
+            batches += [ranges, [r for c in p.commits for r in c]]
+        programs = self._copier.compile(batches)
+        for n, p in enumerate(plans):
+            p.pack, p.commit = programs[2 * n], programs[2 * n + 1]
+        if pack and plans:
+            first = plans[0]
+            if device.type == "cuda":
+                stream = torch.cuda.current_stream(device)
+                for w in first.works:  # the layer's last commit wrote what is packed
+                    if (event := self._committed.get(w.layer)) is not None:
+                        stream.wait_event(event)
+                if (released := self._released[first.buffer]) is not None:
+                    stream.wait_event(released)
+            assert isinstance(first.pack, CopyProgram)
+            self._copier.launch(first.pack)
+            first.packed = True
+        return _Prepared(works, group_bytes, plans, self._runs)
+
+    def _post(self, plan: _GroupPlan, items: list[Any], comm: _Comm,
+              beside: bool = False) -> _Group:
+        """Stage local copies and pack the sends into the group's staging buffer (unless
+        :meth:`prepare` did), post one receive and one send per peer (see :class:`_Layout`).
+        Staging buffers rotate over ``depth + 1`` (the groups in flight and the one
+        committing)."""
         start = time.perf_counter()
-        self._buffer = (self._buffer + 1) % (depth + 1)
-        batch = _Group(indices, [w for i in indices if (w := works[i]) is not None],
-                       self._buffer, start)
-        layout = _Layout(batch.works)
-        device = batch.works[0].device
+        batch = _Group(plan.indices, plan.works, plan.buffer, start, plan)
+        device = plan.works[0].device
         try:
-            if layout.total:
-                buf = self._staging_buffer(batch.buffer, layout.total, device)
-                batch.buf = buf
-                self._pack(batch.works, buf, batch.buffer, beside)
+            if plan.total:
+                if plan.buf is None:
+                    plan.buf = self._staging_buffer(plan.buffer, plan.total, device)
+                else:
+                    self._wait_released(plan.buffer, device)
+                batch.buf = plan.buf
+                if not plan.packed:
+                    self._pack(plan, beside)
             self._trace("packed")
-            for i in indices:
+            for i in plan.indices:
                 hook = items[i][2]
                 if hook is not None:
                     hook("post")
             ops: list[Any] = []
-            tag = batch.works[0].tag
+            tag = plan.works[0].tag
             if batch.buf is not None:
-                for peer, lo, hi in layout.receives:
+                for peer, lo, hi in plan.receives:
                     ops.append(comm.op(dist.irecv, batch.buf[lo:hi], peer, tag))
-                for peer, lo, hi in layout.sends:
+                for peer, lo, hi in plan.sends:
                     ops.append(comm.op(dist.isend, batch.buf[lo:hi], peer, tag))
             batch.handles = comm.post(ops)
             self._trace("posted")
@@ -779,7 +931,7 @@ class ExpertWeights:
                 reasons = [batch.error] * len(batch.indices)
         if batch.error is not None:
             ok = [0] * len(ok)
-            self._staging[batch.buffer] = None  # pending receives may still target it
+            self._drop_buffer(batch.buffer)  # pending receives may still target it
         else:
             hooks = [items[i][2] for i in batch.indices]
             if any(h is not None for h in hooks) and device.type == "cuda":
@@ -803,14 +955,14 @@ class ExpertWeights:
             self._trace("status posted")
         except Exception as exc:
             batch.status_error = str(exc)
-        if batch.error is None:
+        if batch.error is None and batch.plan.commits is None:
             # The commit's copy ranges, built while the GPU works: after the status is read,
             # only the copies' launch is left on the host's path.
-            batch.commits = []
+            batch.plan.commits = []
             for work in batch.works:
                 ranges: list[CopyRange] = []
                 work.commit(ranges)
-                batch.commits.append(ranges)
+                batch.plan.commits.append(ranges)
 
     def _finish(self, batch: _Group, items: list[Any], errors: dict[int, MigrationError],
                 done: dict[int, LayerMigrationStats], stop_on_error: bool,
@@ -826,7 +978,7 @@ class ExpertWeights:
             except Exception as exc:
                 batch.status_error = str(exc)
         if status is None:
-            self._staging[batch.buffer] = None
+            self._drop_buffer(batch.buffer)
             for j, i in enumerate(batch.indices):
                 layer = items[i][0]
                 errors[layer] = MigrationError(layer, "status", None,
@@ -842,19 +994,25 @@ class ExpertWeights:
             if status[2 * j] != 1:
                 errors[layer] = MigrationError(layer, "transfer", status[2 * j + 1],
                                                batch.reasons[j])
-                self._staging[batch.buffer] = None
+                self._drop_buffer(batch.buffer)
                 stop = stop_on_error
                 continue
             committed.append(work)
             batch.committed.append(i)
-            ranges += batch.commits[j]
+            assert batch.plan.commits is not None  # built in _complete
+            ranges += batch.plan.commits[j]
         device = batch.works[0].device
+        # every layer of the group: its commit compiled ahead, if prepare() did
+        whole = batch.plan.commit if len(committed) == len(batch.works) else None
         if committed:
             if device.type == "cuda":
                 stream = self._commit_stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))  # the receives landed
                 with torch.cuda.stream(stream):
-                    self._copier.run(ranges, self._copy_cap(device, beside))
+                    if whole is not None:
+                        self._copier.launch(whole, self._copy_cap(device, beside))
+                    else:
+                        self._copier.run(ranges, self._copy_cap(device, beside))
                 event = torch.cuda.Event()
                 event.record(stream)
                 for work in committed:
@@ -863,6 +1021,8 @@ class ExpertWeights:
                     # The commit reads the buffer: keep it (even if dropped) until it is done.
                     batch.buf.record_stream(stream)
                     self._released[batch.buffer] = event
+            elif whole is not None:
+                self._copier.launch(whole)
             else:
                 self._copier.run(ranges)
         self._trace("commit issued")
@@ -881,7 +1041,7 @@ class ExpertWeights:
                 comm.wait(batch.handles, timeout_s)
         except Exception:
             pass
-        self._staging[batch.buffer] = None
+        self._drop_buffer(batch.buffer)
 
     def wait_commits(self, host: bool = False) -> None:
         """Order the current CUDA stream after every commit so far (the forward that routes with
@@ -909,9 +1069,8 @@ class ExpertWeights:
             return max(1, int(sms * COPY_SHARE))
         return self.copy_programs
 
-    def _pack(self, works: list[_LayerWork], buf: torch.Tensor, index: int,
-              beside: bool = False) -> None:
-        """Stage local copies and pack sends into ``buf`` (staging buffer ``index``).
+    def _pack(self, plan: _GroupPlan, beside: bool = False) -> None:
+        """Stage local copies and pack sends into the group's staging buffer.
 
         On CUDA this runs on a side stream that waits only for the caller's stream at the start
         of the call and for the last commit reading this buffer, not for the transfers in
@@ -920,27 +1079,37 @@ class ExpertWeights:
         Reusing the buffer's send region is safe: the transfers that last read it (two groups
         back) completed before that group's status was read, which happened before this call.
         """
-        for work in works:
-            work.staging = buf
-        ranges: list[CopyRange] = []
-        for work in works:
-            work.stage(ranges)
-            work.pack(ranges)
+        assert plan.buf is not None
+        buf = plan.buf
+        if plan.pack is None:  # not compiled ahead: the ranges now
+            for work in plan.works:
+                work.staging = buf
+            ranges: list[CopyRange] = []
+            for work in plan.works:
+                work.stage(ranges)
+                work.pack(ranges)
+            plan.pack = ranges
         device = buf.device
         if device.type != "cuda" or not self._overlap:
-            self._copier.run(ranges)
+            self._copy(plan.pack)
             return
         if self._pack_stream is None or self._pack_stream.device != device:
             self._pack_stream = torch.cuda.Stream(device)
         stream = self._pack_stream
         stream.wait_event(self._entry)
-        released = self._released[index]
+        released = self._released[plan.buffer]
         if released is not None:
             stream.wait_event(released)
         with torch.cuda.stream(stream):
-            self._copier.run(ranges, self._copy_cap(device, beside))
+            self._copy(plan.pack, self._copy_cap(device, beside))
         buf.record_stream(stream)
         torch.cuda.current_stream(device).wait_stream(stream)
+
+    def _copy(self, copies: CopyProgram | list[CopyRange], cap: int | None = None) -> None:
+        if isinstance(copies, CopyProgram):
+            self._copier.launch(copies, cap)
+        else:
+            self._copier.run(copies, cap)
 
     def _commit_stream(self, device: torch.device) -> Any:
         if self._copy_stream is None or self._copy_stream.device != device:
@@ -954,12 +1123,21 @@ class ExpertWeights:
             # allocator keeps it until that commit is done.
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
             self._staging[index] = buf
+        self._wait_released(index, device)
+        return buf
+
+    def _wait_released(self, index: int, device: torch.device) -> None:
+        """Staging copies and receives (the NCCL stream waits on the current stream) must not
+        overwrite buffer ``index`` while an earlier commit still reads it."""
         released = self._released[index]
         if device.type == "cuda" and released is not None:
-            # Staging copies and receives (the NCCL stream waits on the current stream) must
-            # not overwrite the buffer while an earlier commit still reads it.
             torch.cuda.current_stream(device).wait_event(released)
-        return buf
+
+    def _drop_buffer(self, index: int) -> None:
+        """Forget staging buffer ``index`` after a failure (receives may still land in it),
+        and every call laid out ahead (they may use it)."""
+        self._staging[index] = None
+        self._prepared = {}
 
     def _settings_digest(self) -> int:
         """The settings that every rank must share (they decide the groups it posts)."""
@@ -1000,6 +1178,76 @@ class ExpertWeights:
             device=device,
             tag=tag,
         )
+
+
+def _vote_errors(
+    items: list[tuple[int, Any, FaultHook | None]],
+    reasons: list[str | None],
+    status: _Status | None,
+    post_error: str | None,
+    stop_on_error: bool,
+) -> tuple[dict[int, MigrationError], int]:
+    """Read the pre-flight all-reduce (see :meth:`ExpertWeights._post_votes`). Returns
+    (layer -> error, index of the first item not to attempt: ``len(items)`` unless
+    ``stop_on_error`` stopped earlier). A broken exchange fails the first item in phase
+    ``"status"`` and stops at it."""
+    errors: dict[int, MigrationError] = {}
+    if not items:
+        return errors, 0
+    try:
+        if status is None:
+            raise RuntimeError(post_error)
+        pre = status.result()
+    except Exception as exc:
+        first = items[0][0]
+        errors[first] = MigrationError(first, "status", None, f"pre-flight exchange: {exc}")
+        return errors, 0
+    same_settings = pre[-2] == -pre[-1]
+    for i, (layer, _, _) in enumerate(items):
+        v = pre[6 * i:6 * i + 6]
+        if not same_settings:
+            err = MigrationError(
+                layer, "preflight", None, "ranks use different migration settings "
+                "(groups_in_flight, ramp_groups): construct ExpertWeights alike everywhere"
+            )
+        elif v[0] != 1:
+            err = MigrationError(layer, "preflight", v[1], reasons[i])
+        elif v[2] != -v[3]:
+            err = MigrationError(layer, "preflight", None, "ranks computed different plans")
+        elif v[4] != -v[5]:
+            err = MigrationError(
+                layer, "preflight", None, "ranks registered different tensor layouts"
+            )
+        else:
+            continue
+        errors[layer] = err
+        if stop_on_error:
+            return errors, i
+    return errors, len(items)
+
+
+class Preparation:
+    """A pre-flight started by :meth:`ExpertWeights.prepare`; :meth:`errors` reads it."""
+
+    def __init__(self, items: list[tuple[int, Any, FaultHook | None]],
+                 reasons: list[str | None], status: _Status | None,
+                 post_error: str | None) -> None:
+        self._items, self._reasons = items, reasons
+        self._status, self._post_error = status, post_error
+        self._errors: dict[int, MigrationError] | None = None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(layer for layer, _, _ in self._items)
+
+    def errors(self) -> dict[int, MigrationError]:
+        """Layer -> error for the layers that cannot migrate (the same on every rank; empty:
+        all can). The first call waits for the all-reduce; later calls return the same."""
+        if self._errors is None:
+            self._errors, _ = _vote_errors(self._items, self._reasons, self._status,
+                                           self._post_error, stop_on_error=False)
+            self._status = None
+        return dict(self._errors)
 
 
 def _bind(fault: Callable[[int, str], None], layer: int) -> FaultHook:
@@ -1200,6 +1448,7 @@ class _Group:
     works: list[_LayerWork]
     buffer: int
     start: float
+    plan: _GroupPlan
     handles: list[Any] = field(default_factory=list)
     error: str | None = None
     reasons: list[str | None] = field(default_factory=list)
@@ -1208,7 +1457,36 @@ class _Group:
     status_error: str | None = None
     committed: list[int] = field(default_factory=list)
     buf: torch.Tensor | None = None
-    commits: list[list[CopyRange]] = field(default_factory=list)  # per work, when posted
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """A group's host work: its staging layout (``[(peer, start, end)]`` regions), buffer
+    and copies, done ahead by :meth:`ExpertWeights.prepare` or just before it is posted.
+    ``pack`` and ``commit`` are compiled copies (ahead) or ``pack`` the ranges (on the fly;
+    then ``commit`` is ``None`` and the commit runs ``commits``, built per work)."""
+
+    indices: list[int]  # the call's items in the group
+    works: list[_LayerWork]
+    buffer: int  # staging buffer index
+    receives: list[tuple[int, int, int]]
+    sends: list[tuple[int, int, int]]
+    total: int  # bytes of staging
+    buf: torch.Tensor | None = None
+    pack: CopyProgram | list[CopyRange] | None = None
+    commits: list[list[CopyRange]] | None = None  # per work
+    commit: CopyProgram | None = None  # every work's commit, compiled ahead
+    packed: bool = False  # the pack was queued ahead
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """One call laid out by :meth:`ExpertWeights.prepare` (see :meth:`ExpertWeights._run`)."""
+
+    works: list[_LayerWork]  # per layer of the call, in order
+    group_bytes: int | None
+    groups: list[_GroupPlan]
+    packed_at: int  # ``ExpertWeights._runs`` when the first group was packed
 
 
 @dataclass
@@ -1383,10 +1661,14 @@ class RolloutMigrationStats:
         transfers: experts this rank received over the network.
         local_copies: experts this rank copied internally (one copy may fill several slots).
         slots_written: this rank's slots that now hold another expert (received or copied).
-        total_pause_ms: migration time summed over the steps it took.
+        total_pause_ms: migration time summed over the steps it took (the preparation's
+            included).
         max_layer_ms: the slowest layer.
-        max_step_pause_ms: the longest migration pause of one forward step.
-        steps: forward steps the rollout spanned.
+        max_step_pause_ms: the longest migration pause of one forward step (the preparation
+            step's included).
+        steps: forward steps the rollout spanned (the preparation step's included).
+        prepare_ms: the preparation step's host time (:meth:`ExpertWeights.prepare`; 0 when
+            the rollout prepared in its first migrating step).
         rolled_back: layers moved back to the old map after a failure.
     """
 
@@ -1399,16 +1681,21 @@ class RolloutMigrationStats:
     max_step_pause_ms: float = 0.0
     steps: int = 0
     rolled_back: int = 0
+    prepare_ms: float = 0.0
 
 
 class MigratingSwitcher:
     """A :class:`worker_agent.agreement.Switcher` that moves expert weights, then switches maps.
 
     ``begin(step, plan, settings)`` (every rank, the agreed step) plans the transfers from the
-    view's map to ``plan.phy2log``. The first ``advance(step)`` checks every changed layer with
-    one pre-flight all-reduce (:meth:`ExpertWeights.preflight`); ``advance`` (that step and
-    the next ones) then migrates the next ``settings.layers_per_step`` changed layers (all when
-    0) and switches each moved layer's
+    view's map to ``plan.phy2log``. The first ``advance(step)`` (that step) prepares every
+    changed layer's migration and starts its pre-flight all-reduce
+    (:meth:`ExpertWeights.prepare`) and, with ``prepare_ahead``, returns: the host work of
+    laying out the transfers overlaps the engine's forward, and the pre-flight's round trip
+    the step in between. The next ``advance`` (the same step without ``prepare_ahead``) reads
+    the pre-flight's verdict; ``advance`` (that step and the next ones) then migrates the next
+    ``settings.layers_per_step`` changed layers (all when 0), each step only launching copies
+    and posting transfers, and switches each moved layer's
     map rows in place right after its weights are in place, so no step ever routes a layer with
     a map its weights do not match. After the last layer it cuts the load snapshot and installs
     the whole map at ``plan.version`` (returns True). Whether to go on depends only on the plan
@@ -1433,6 +1720,9 @@ class MigratingSwitcher:
         timeout_s: bound on each layer's transfer wait.
         pause_counting: pause counting while a rollout spans several steps (see above).
         fault: ``fault(layer, phase)`` passed to every migration (tests inject failures).
+        prepare_ahead: prepare at the agreed step and migrate from the next one (default);
+            ``False``: prepare and migrate in the agreed step (one step less, one longer
+            pause).
     """
 
     def __init__(
@@ -1446,6 +1736,7 @@ class MigratingSwitcher:
         timeout_s: float | None = None,
         pause_counting: bool = True,
         fault: Callable[[int, str], None] | None = None,
+        prepare_ahead: bool = True,
     ) -> None:
         self.weights = weights
         self.snapshotter = snapshotter
@@ -1457,6 +1748,7 @@ class MigratingSwitcher:
         self.timeout_s = timeout_s
         self.pause_counting = pause_counting
         self.fault = fault
+        self.prepare_ahead = prepare_ahead
         self.last_stats: RolloutMigrationStats | None = None
         self._plan: Any = None
         self._transfers: TransferPlan | None = None
@@ -1467,6 +1759,7 @@ class MigratingSwitcher:
         self._switched: list[int] = []  # layers whose map rows are the new map's
         self._per_step = 0
         self._stats = RolloutMigrationStats()
+        self._preparation: Preparation | None = None
         self._started = False
 
     @property
@@ -1483,6 +1776,7 @@ class MigratingSwitcher:
         self._moved, self._switched = [], []
         self._per_step = int(getattr(settings, "layers_per_step", 0) or 0)
         self._stats = RolloutMigrationStats()
+        self._preparation = None
         self._started = False
 
     def advance(self, step: int) -> bool:
@@ -1490,11 +1784,22 @@ class MigratingSwitcher:
         plan, transfers = self._plan, self._transfers
         # One capture per step, before this step's map update: a delta never spans two updates.
         self.snapshotter.capture(step)
+        start = time.perf_counter()
+        if self._preparation is None and self._todo:
+            # One pre-flight for the whole rollout (every rank, this agreed step), and every
+            # migration call of the rollout laid out; the steps below migrate without one.
+            per = self._per_step or len(self._todo)
+            self._preparation = self.weights.prepare(
+                transfers, self.group, layers=self._todo,
+                calls=[self._todo[i:i + per] for i in range(0, len(self._todo), per)])
+            ms = (time.perf_counter() - start) * 1e3
+            self._stats = dataclasses.replace(self._stats, prepare_ms=ms)
+            if self.prepare_ahead:
+                self._account(None, ms)
+                return False  # migrate from the next step: no map changed in this one
         if not self._started:
             self._started = True  # the capture above cut the old version's counts
-            # One pre-flight for the whole rollout (every rank, this agreed step); the steps
-            # below then migrate verified layers without one.
-            errors = self.weights.preflight(transfers, self.group, layers=self._todo)
+            errors = self._preparation.errors() if self._preparation is not None else {}
             if errors:
                 self._plan, self._todo = None, []
                 self.last_stats = self._stats
@@ -1506,7 +1811,7 @@ class MigratingSwitcher:
         report = self.weights.migrate(transfers, self.group, layers=batch,
                                       timeout_s=self.timeout_s, stop_on_error=True,
                                       fault=self.fault, preflight=False)
-        self._account(report)
+        self._account(report, (time.perf_counter() - start) * 1e3)
         self._moved.extend(report.applied_layers)
         if report.failed:
             layer = min(report.errors or report.failed)
@@ -1527,18 +1832,22 @@ class MigratingSwitcher:
         self._plan = None
         return True
 
-    def _account(self, report: MigrationReport) -> None:
+    def _account(self, report: MigrationReport | None, pause_ms: float) -> None:
+        """Add one step: its migration ``report`` (``None``: the preparation step) and the
+        host time the step spent in :meth:`advance` (preparation, verdict, migration)."""
         s = self._stats
-        self._stats = RolloutMigrationStats(
+        if report is None:
+            report = MigrationReport(())
+        self._stats = dataclasses.replace(
+            s,
             bytes_moved=s.bytes_moved + report.bytes_received,
             transfers=s.transfers + report.transfers_received,
             local_copies=s.local_copies + report.local_copies,
             slots_written=s.slots_written + report.slots_written,
-            total_pause_ms=s.total_pause_ms + report.wall_seconds * 1e3,
+            total_pause_ms=s.total_pause_ms + pause_ms,
             max_layer_ms=max(s.max_layer_ms, report.max_layer_seconds * 1e3),
-            max_step_pause_ms=max(s.max_step_pause_ms, report.wall_seconds * 1e3),
+            max_step_pause_ms=max(s.max_step_pause_ms, pause_ms),
             steps=s.steps + 1,
-            rolled_back=s.rolled_back,
         )
 
     def _rollback(self) -> None:
@@ -1561,9 +1870,7 @@ class MigratingSwitcher:
         restore = [layer for layer in report.applied_layers if layer in switched]
         if restore:
             self.view.update_layers_(restore, self._old)
-        self._stats = RolloutMigrationStats(**{
-            **self._stats.__dict__, "rolled_back": len(report.applied_layers)
-        })
+        self._stats = dataclasses.replace(self._stats, rolled_back=len(report.applied_layers))
         self.last_stats = self._stats
         if report.failed:
             stuck = sorted(set(moved) - set(report.applied_layers))
