@@ -30,8 +30,9 @@ experts; the new map swaps a ``--churn`` fraction of slots between random ranks 
 every expert). With ``--layers-per-step N`` (several values allowed; 0 = all layers at once) the
 rebalance moves N layers per forward step, as :class:`MigratingSwitcher` does: a first step
 prepares every call (:meth:`ExpertWeights.prepare`, its copies' GPU work and pre-flight included
-in the step's time), the next steps migrate (``--same-step``: the preparation and the first
-migration in one step, ``prepare_ahead=False``). Reported are the steps, the longest pause of
+in the step's time), the next steps migrate (``--same-step``: the pre-flight and the first
+migration in one step, each group laid out while the previous one moves: ``prepare_ahead=False``,
+the path before ``prepare``). Reported are the steps, the longest pause of
 one step (max over ranks), the preparation step, the migration steps' sum (``move``) and the
 total, each against plain send/recv of the bytes.
 """
@@ -103,8 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timeout_s of every migration call, as engines pass one (0: none)")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput rows")
     p.add_argument("--same-step", action="store_true",
-                   help="rebalance: prepare and start migrating in one step "
-                        "(MigratingSwitcher(prepare_ahead=False))")
+                   help="rebalance: pre-flight and first migration in one step, laid out on "
+                        "the fly (MigratingSwitcher(prepare_ahead=False))")
     p.add_argument("--trace", type=Path,
                    help="NCCL: profile one all-at-once rebalance (torch.profiler) and write "
                         "rank 0's GPU timeline summary here")
@@ -360,10 +361,11 @@ class _Rollout:
         self.calls = [self.todo[i:i + chunk] for i in range(0, len(self.todo), chunk)]
         self.preparation: Any = None
 
-    def prepare(self) -> None:
+    def prepare(self, ahead: bool = True) -> None:
+        """The pre-flight and (``ahead``) the calls laid out, as ``MigratingSwitcher``."""
         self.preparation = self.weights.prepare(
-            self.plan, self.args.migration_pg, layers=self.todo, calls=self.calls,
-            group_bytes=_group_bytes(self.args))
+            self.plan, self.args.migration_pg, layers=self.todo,
+            calls=self.calls if ahead else [], group_bytes=_group_bytes(self.args))
 
     def move(self, n: int = 0) -> None:
         if n == 0:  # the first migration reads the pre-flight's verdict
@@ -384,7 +386,7 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
             fwd = not fwd
             rollout = _Rollout(weights, plan, per_step, args)
             if args.same_step:  # MigratingSwitcher(prepare_ahead=False)
-                step_pauses = [_timed(lambda r=rollout: (r.prepare(), r.move(0)), device)]
+                step_pauses = [_timed(lambda r=rollout: (r.prepare(False), r.move(0)), device)]
             else:  # the preparation step, then the first migration step
                 step_pauses = [_timed(rollout.prepare, device), _timed(rollout.move, device)]
             for n in range(1, len(rollout.calls)):
@@ -696,7 +698,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Pause per rebalance: {cfg['layers']} layers x {cfg['slots']} slots/rank, churn "
         f"{cfg['churn']}; the rollout path: "
-        + ("preparation and first migration in one step" if cfg.get("same_step") else
+        + ("pre-flight and first migration in one step, laid out on the fly"
+           if cfg.get("same_step") else
            "a preparation step (its device work included), then the migration steps")
         + ". `plain`: one send/recv per peer of the same bytes; `move` = the migration steps; "
         "ratios = plain / move and plain / total.",

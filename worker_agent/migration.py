@@ -460,9 +460,11 @@ class ExpertWeights:
         ``layers`` (default: every changed layer of ``plan``) with the same plan and the same
         registered tensor layouts. Returns layer -> error for the layers that cannot (the same
         on every rank); nothing moves. After an empty result the caller may migrate these
-        layers with ``preflight=False``. Same as ``prepare(plan, group, layers=layers).errors()``.
+        layers with ``preflight=False``; they are then not prepared again. Unlike
+        :meth:`prepare`, nothing is laid out ahead: the migration lays each group out while
+        the previous one moves, which is faster when both run in one step.
         """
-        return self.prepare(plan, group, layers=layers).errors()
+        return self.prepare(plan, group, layers=layers, calls=[]).errors()
 
     def prepare(
         self,
@@ -478,7 +480,8 @@ class ExpertWeights:
         ``group``: every rank calls it with the same arguments).
 
         ``calls`` lists the ``layers`` argument of each later :meth:`migrate` call (disjoint
-        subsets of ``layers``; default: one call of every layer) and ``group_bytes`` the value
+        subsets of ``layers``; default: one call of every layer; ``[]``: none, the pre-flight
+        only, as :meth:`preflight`) and ``group_bytes`` the value
         those calls pass. For each call this does the host work of a migration now: each
         layer's transfers, the groups, the staging layouts and buffers, and the copies' tables
         (uploaded to the device); and it queues the first call's first pack. A matching
@@ -1721,8 +1724,9 @@ class MigratingSwitcher:
         pause_counting: pause counting while a rollout spans several steps (see above).
         fault: ``fault(layer, phase)`` passed to every migration (tests inject failures).
         prepare_ahead: prepare at the agreed step and migrate from the next one (default);
-            ``False``: prepare and migrate in the agreed step (one step less, one longer
-            pause).
+            ``False``: only the pre-flight, then the first migration in the agreed step, each
+            group laid out while the previous one moves (one step less, one longer pause; see
+            ``benchmarks/results_migration.md``).
     """
 
     def __init__(
@@ -1786,12 +1790,14 @@ class MigratingSwitcher:
         self.snapshotter.capture(step)
         start = time.perf_counter()
         if self._preparation is None and self._todo:
-            # One pre-flight for the whole rollout (every rank, this agreed step), and every
-            # migration call of the rollout laid out; the steps below migrate without one.
+            # One pre-flight for the whole rollout (every rank, this agreed step), and, ahead,
+            # every migration call of the rollout laid out; the steps below migrate without
+            # one. (In one step, laying out on the fly overlaps the transfers: faster.)
             per = self._per_step or len(self._todo)
+            calls = [self._todo[i:i + per] for i in range(0, len(self._todo), per)]
             self._preparation = self.weights.prepare(
                 transfers, self.group, layers=self._todo,
-                calls=[self._todo[i:i + per] for i in range(0, len(self._todo), per)])
+                calls=calls if self.prepare_ahead else [])
             ms = (time.perf_counter() - start) * 1e3
             self._stats = dataclasses.replace(self._stats, prepare_ms=ms)
             if self.prepare_ahead:
