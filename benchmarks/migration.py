@@ -362,10 +362,10 @@ class _Rollout:
         self.preparation: Any = None
 
     def prepare(self, ahead: bool = True) -> None:
-        """The pre-flight and (``ahead``) the calls laid out, as ``MigratingSwitcher``."""
+        """The pre-flight and (``ahead``) the first call laid out, as ``MigratingSwitcher``."""
         self.preparation = self.weights.prepare(
             self.plan, self.args.migration_pg, layers=self.todo,
-            calls=self.calls if ahead else [], group_bytes=_group_bytes(self.args))
+            calls=self.calls[:1] if ahead else [], group_bytes=_group_bytes(self.args))
 
     def move(self, n: int = 0) -> None:
         if n == 0:  # the first migration reads the pre-flight's verdict
@@ -534,8 +534,8 @@ def _trace(rank: int, world: int, args: argparse.Namespace, device: torch.device
 
 
 def _host_profile(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> str:
-    """cProfile of one all-at-once rebalance's migration step (prepared before, outside the
-    profile; after two untimed rebalances): where the host goes."""
+    """cProfile of one all-at-once rebalance (after two untimed ones), its preparation step
+    and its migration step apart: where the host goes."""
     import cProfile
     import io
     import pstats
@@ -543,19 +543,22 @@ def _host_profile(rank: int, world: int, args: argparse.Namespace, device: torch
     weights, plans = _rebalance(rank, world, args, device)
     for p in plans:
         _timed(_all_at_once(weights, p, args), device)
-    move = _all_at_once(weights, plans[0], args)
-    profiler = cProfile.Profile()
-    _sync(device)
-    dist.barrier()
-    profiler.enable()
-    move()
-    profiler.disable()
-    _sync(device)
     out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(40)
-    stats.print_callers("sleep|irecv|synchronize")
+    for name in ("preparation step", "migration step"):
+        profiler = cProfile.Profile()
+        _sync(device)
+        dist.barrier()
+        profiler.enable()
+        if name == "preparation step":
+            move = _all_at_once(weights, plans[0], args)
+        else:
+            move()
+        profiler.disable()
+        _sync(device)
+        out.write(f"==== {name}\n")
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(30)
     return out.getvalue()
 
 

@@ -1790,14 +1790,15 @@ class MigratingSwitcher:
         self.snapshotter.capture(step)
         start = time.perf_counter()
         if self._preparation is None and self._todo:
-            # One pre-flight for the whole rollout (every rank, this agreed step), and, ahead,
-            # every migration call of the rollout laid out; the steps below migrate without
-            # one. (In one step, laying out on the fly overlaps the transfers: faster.)
+            # One pre-flight for the whole rollout (every rank, this agreed step) and, ahead,
+            # its first migration call laid out; the steps below migrate without a pre-flight.
+            # Later calls (``layers_per_step``) lay out on the fly, in their own step: laying
+            # every call out here would make this step the longest. (In one step, laying out
+            # on the fly is faster: it overlaps the transfers.)
             per = self._per_step or len(self._todo)
-            calls = [self._todo[i:i + per] for i in range(0, len(self._todo), per)]
             self._preparation = self.weights.prepare(
                 transfers, self.group, layers=self._todo,
-                calls=calls if self.prepare_ahead else [])
+                calls=[self._todo[:per]] if self.prepare_ahead else [])
             ms = (time.perf_counter() - start) * 1e3
             self._stats = dataclasses.replace(self._stats, prepare_ms=ms)
             if self.prepare_ahead:
