@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=30.0,
                    help="timeout_s of every migration call, as engines pass one (0: none)")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput rows")
+    p.add_argument("--ahead-groups", type=int, default=1,
+                   help="groups whose copies prepare() builds ahead "
+                        "(ExpertWeights.prepare(ahead_groups=N)); 0: all")
     p.add_argument("--same-step", action="store_true",
                    help="rebalance: pre-flight and first migration in one step, laid out on "
                         "the fly (MigratingSwitcher(prepare_ahead=False))")
@@ -200,8 +203,10 @@ class _Flip:
 
     def __init__(self, weights: ExpertWeights, old: np.ndarray, new: np.ndarray,
                  world: int, group_bytes: int | None = None,
-                 timeout_s: float | None = None, group: Any = None) -> None:
+                 timeout_s: float | None = None, group: Any = None,
+                 ahead_groups: int | None = 1) -> None:
         self.weights = weights
+        self.ahead_groups = ahead_groups
         self.group = group
         self.group_bytes = group_bytes
         self.timeout_s = timeout_s
@@ -216,7 +221,8 @@ class _Flip:
 
     def prepare_one_layer(self) -> None:
         """Lay out the next :meth:`one_layer` ahead (the rollout path's preparation step)."""
-        assert not self.weights.prepare(self.plans[self.layer0], self.group, layers=[0]).errors()
+        assert not self.weights.prepare(self.plans[self.layer0], self.group, layers=[0],
+                                        ahead_groups=self.ahead_groups).errors()
 
     def one_layer_prepared(self) -> None:
         self.one_layer(preflight=False)
@@ -234,7 +240,8 @@ class _Flip:
         if self.layer0 != self.rest:
             self.one_layer()
         assert not self.weights.prepare(self.plans[self.rest], self.group,
-                                        group_bytes=self.group_bytes).errors()
+                                        group_bytes=self.group_bytes,
+                                        ahead_groups=self.ahead_groups).errors()
 
     def all_layers_prepared(self) -> None:
         self.all_layers(preflight=False)
@@ -247,7 +254,7 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
     for moves in args.moves:
         weights = _build(args.tp_layers, args.slots, args.hidden, args.ffn, device, rank, args)
         flip = _Flip(weights, *_ring_maps(args.tp_layers, world, args.slots, moves), world,
-                     _group_bytes(args), _timeout(args), args.migration_pg)
+                     _group_bytes(args), _timeout(args), args.migration_pg, _ahead_groups(args))
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
         t_layer_p = _median(flip.one_layer_prepared, device, args.iters, args.warmup,
                             flip.prepare_one_layer)
@@ -344,7 +351,8 @@ def _all_at_once(weights: ExpertWeights, plan: Any, args: argparse.Namespace) ->
     path's migration step, after its preparation step)."""
     layers = list(plan.changed_layers)
     assert not weights.prepare(plan, args.migration_pg, layers=layers,
-                               group_bytes=_group_bytes(args)).errors()
+                               group_bytes=_group_bytes(args),
+                               ahead_groups=_ahead_groups(args)).errors()
     return lambda: _checked(weights, plan, layers, _group_bytes(args), _timeout(args),
                             args.migration_pg)
 
@@ -365,7 +373,8 @@ class _Rollout:
         """The pre-flight and (``ahead``) the first call laid out, as ``MigratingSwitcher``."""
         self.preparation = self.weights.prepare(
             self.plan, self.args.migration_pg, layers=self.todo,
-            calls=self.calls[:1] if ahead else [], group_bytes=_group_bytes(self.args))
+            calls=self.calls[:1] if ahead else [], group_bytes=_group_bytes(self.args),
+            ahead_groups=_ahead_groups(self.args))
 
     def move(self, n: int = 0) -> None:
         if n == 0:  # the first migration reads the pre-flight's verdict
@@ -421,6 +430,10 @@ def _pause(rank: int, world: int, args: argparse.Namespace,
 
 def _group_bytes(args: argparse.Namespace) -> int | None:
     return None if args.group_mib is None else args.group_mib * MiB
+
+
+def _ahead_groups(args: argparse.Namespace) -> int | None:
+    return args.ahead_groups or None
 
 
 def _timeout(args: argparse.Namespace) -> float | None:
@@ -488,7 +501,7 @@ def _phases(rank: int, world: int, args: argparse.Namespace,
         weights = _build(layers, max(args.slots, moves), args.hidden, args.ffn, device, rank,
                          args, tracer=log)
         flip = _Flip(weights, *_ring_maps(layers, world, max(args.slots, moves), moves), world,
-                     _group_bytes(args), _timeout(args), args.migration_pg)
+                     _group_bytes(args), _timeout(args), args.migration_pg, _ahead_groups(args))
         for i in range(args.warmup + args.iters):
             log.on = i >= args.warmup
             _timed(flip.all_layers_prepared, device, flip.prepare_all_layers)

@@ -120,14 +120,16 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int,
     for layer in back.changed_layers:
         weights.migrate(back, group, layers=[layer], preflight=False)
     out["bad_verified"] = mismatches(weights, rank, maps[0])
-    # Laid out ahead (MigratingSwitcher's path): prepare() lays out two calls (the first
-    # packs its first group at once), the verdict is read, then the calls run without any
-    # host layout. The second call runs first, so the first call's pre-packed buffer is stale
-    # by then and must be packed again (else it would send the second call's bytes).
+    # Laid out ahead (MigratingSwitcher's path): prepare() lays out two calls, every group's
+    # copies compiled (the first call's first group packed at once), the verdict is read,
+    # then the calls run without any host layout. The second call runs first, so the first
+    # call's pre-packed buffer is stale by then and must be packed again (else it would send
+    # the second call's bytes).
     fwd = plan_transfers(maps[0], maps[-1], world, nodes)
     layers = list(fwd.changed_layers)
     calls = [layers[:1], layers[1:]]
-    out["prepared"] = weights.prepare(fwd, group, calls=calls, group_bytes=1).errors()
+    out["prepared"] = weights.prepare(fwd, group, calls=calls, group_bytes=1,
+                                      ahead_groups=None).errors()
     laid: list[str] = []
     lay_out, run = weights._lay_out, weights._copier.run
     weights._lay_out = lambda *a: laid.append("lay_out") or lay_out(*a)  # type: ignore[method-assign]
@@ -138,6 +140,13 @@ def _chain(rank: int, world: int, seed: int, hops: int, nodes: int,
     weights._lay_out, weights._copier.run = lay_out, run  # type: ignore[method-assign]
     out["laid_out_on_the_fly"] = laid
     out["bad_prepared"] = mismatches(weights, rank, maps[-1])
+    # The default: only each call's first group compiled ahead, later groups on the fly.
+    back = plan_transfers(maps[-1], maps[0], world, nodes)
+    layers = list(back.changed_layers)
+    assert weights.prepare(back, group, calls=[layers], group_bytes=1).errors() == {}
+    out["failed"].append(dict(weights.migrate(back, group, layers=layers, preflight=False,
+                                              group_bytes=1).failed))
+    out["bad_prepared_first"] = mismatches(weights, rank, maps[0])
     out["pointers_kept"] = pointers(weights) == before
     # An empty layer migrates as a no-op (every rank still makes the collectives).
     stats = weights.migrate_layer(0, plan_transfers(maps[-1], maps[-1], world, nodes)[0], group)
@@ -255,7 +264,7 @@ def _timeout(rank: int, world: int, seed: int) -> dict[str, Any]:
 
 def _check_chain(results: list[dict[str, Any]]) -> None:
     for rank, out in enumerate(results):
-        assert out["failed"] == [{}] * 6, rank  # 4 hops, then 2 prepared calls
+        assert out["failed"] == [{}] * 7, rank  # 4 hops, then 3 prepared calls
         assert out["bad"] == [[]] * 4, rank
         assert out["pointers_kept"], rank
         assert 1 not in out["layers"][1]  # unchanged layer skipped
@@ -263,6 +272,7 @@ def _check_chain(results: list[dict[str, Any]]) -> None:
         assert out["verified"] == {} and out["bad_verified"] == [], rank
         assert out["prepared"] == {} and out["bad_prepared"] == [], rank
         assert out["laid_out_on_the_fly"] == [], rank  # the prepared calls only launched
+        assert out["bad_prepared_first"] == [], rank
     assert sum(out["bytes"] for out in results) > 0
 
 
@@ -492,6 +502,8 @@ def test_prepare_checks_its_calls() -> None:
     for calls in ([[0], [0, 1]], [[0, 1], [5]]):
         with pytest.raises(ValueError, match="calls must be disjoint subsets of layers"):
             weights.prepare(plan, calls=calls)
+    with pytest.raises(ValueError, match="ahead_groups"):
+        weights.prepare(plan, ahead_groups=0)
     assert mismatches(weights, 0, old) == []  # nothing moved
 
 

@@ -474,6 +474,7 @@ class ExpertWeights:
         layers: Iterable[int] | None = None,
         calls: Sequence[Sequence[int]] | None = None,
         group_bytes: int | None = None,
+        ahead_groups: int | None = 1,
     ) -> Preparation:
         """Start the pre-flight of ``layers`` (default: every changed layer of ``plan``) and
         lay out, ahead of time, the migration calls that will move them (collective over
@@ -482,10 +483,13 @@ class ExpertWeights:
         ``calls`` lists the ``layers`` argument of each later :meth:`migrate` call (disjoint
         subsets of ``layers``; default: one call of every layer; ``[]``: none, the pre-flight
         only, as :meth:`preflight`) and ``group_bytes`` the value
-        those calls pass. For each call this does the host work of a migration now: each
-        layer's transfers, the groups, the staging layouts and buffers, and the copies' tables
-        (uploaded to the device); and it queues the first call's first pack. A matching
-        :meth:`migrate` then only launches copies and posts transfers. It matches when it moves
+        those calls pass. For each call this does now the host work that a migration cannot
+        hide: each layer's transfers, the groups, the staging layouts and buffers, and the
+        copies of the first ``ahead_groups`` groups (``None``: all) with their tables uploaded
+        to the device; and it queues the first call's first pack. A matching :meth:`migrate`
+        then posts its first transfers at once; the copies of later groups are built while
+        earlier groups move, hidden behind their transfers (building them all here measured
+        the same migration and a 1.5 ms longer preparation on 2 x H200). It matches when it moves
         the same layers of the same ``plan`` object with the same ``group_bytes``, no other
         migration ran in between (else its first group is packed again), and none of its
         layers was re-registered (else it lays out on the fly, as without ``prepare``). Only
@@ -496,6 +500,8 @@ class ExpertWeights:
         one step, while the engine's forward runs on the device, and migrate at the next
         (:class:`MigratingSwitcher` does).
         """
+        if ahead_groups is not None and (not isinstance(ahead_groups, int) or ahead_groups < 1):
+            raise ValueError(f"ahead_groups must be an int >= 1 or None, got {ahead_groups!r}")
         comm = self._comm(group)
         todo = list(plan.changed_layers if layers is None else layers)
         parts = [list(todo)] if calls is None else [list(c) for c in calls]
@@ -530,7 +536,7 @@ class ExpertWeights:
             try:
                 self._prepared[tuple(part)] = self._lay_out_ahead(
                     plan, [w for w in part_works if w is not None], comm, group_bytes,
-                    pack=n == 0)
+                    pack=n == 0, compiled=ahead_groups)
             except Exception:  # e.g. out of memory: that call lays out on the fly (and fails)
                 self._prepared.pop(tuple(part), None)
         return self._preparation
@@ -703,17 +709,19 @@ class ExpertWeights:
             ready = []
 
         # 3.-6. per group: stage + pack + post, wait + status all-reduce, commit (pipelined).
-        groups = self._groups(ready, items, comm.world, group_bytes)
+        plans: list[_GroupPlan | None]
+        if ahead is not None and len(ready) == len(items):
+            # the same cut as _groups() would make now (same plan, layers and group_bytes)
+            groups = [p.indices for p in ahead.groups]
+            plans = list(ahead.groups)
+            if ahead.packed_at != runs:  # another call used the buffer since: pack again
+                ahead.groups[0].packed = False
+        else:
+            groups = self._groups(ready, items, comm.world, group_bytes)
+            plans = [None] * len(groups)
         first = works[groups[0][0]] if groups else None
         cuda = first is not None and first.device.type == "cuda"
         depth = self.groups_in_flight if cuda else 1
-        if ahead is not None and len(ready) == len(items):
-            plans: list[_GroupPlan | None] = list(ahead.groups)
-            assert [p.indices for p in ahead.groups] == groups  # same plan, same cut
-            if ahead.packed_at != runs:  # another call used the buffer since: pack again
-                plans[0].packed = False  # type: ignore[union-attr]
-        else:
-            plans = [None] * len(groups)
         # Packing on the side stream pays (~40 us of host time per group) only when there is
         # a previous group's transfer to overlap. It starts after what the caller queued so
         # far, including the waits on earlier commits of these layers (see _pack).
@@ -838,10 +846,11 @@ class ExpertWeights:
         return _GroupPlan(indices, group, buffer, layout.receives, layout.sends, layout.total)
 
     def _lay_out_ahead(self, plan: TransferPlan, works: list[_LayerWork], comm: _Comm,
-                       group_bytes: int | None, pack: bool) -> _Prepared:
+                       group_bytes: int | None, pack: bool,
+                       compiled: int | None = 1) -> _Prepared:
         """A later call's host work, done now (see :meth:`prepare`): its groups, their staging
-        layouts and buffers, and their copies, compiled; with ``pack``, the first group's pack
-        queued on the current stream."""
+        layouts and buffers, and the copies of its first ``compiled`` groups (``None``: all),
+        compiled; with ``pack``, the first group's pack queued on the current stream."""
         items: list[Any] = [(w.layer, plan[w.layer], None) for w in works]
         groups = self._groups(list(range(len(works))), items, comm.world, group_bytes)
         device = works[0].device
@@ -852,9 +861,11 @@ class ExpertWeights:
             need = max((p.total for p in plans if p.buffer == b), default=0)
             if need:
                 self._staging_buffer(b, need, device)
-        batches: list[list[CopyRange]] = []
         for p in plans:
             p.buf = self._staging[p.buffer] if p.total else None
+        ahead = plans if compiled is None else plans[:compiled]
+        batches: list[list[CopyRange]] = []
+        for p in ahead:
             for w in p.works:
                 w.staging = p.buf
             ranges: list[CopyRange] = []
@@ -867,9 +878,9 @@ class ExpertWeights:
                 w.commit(p.commits[-1])
             batches += [ranges, [r for c in p.commits for r in c]]
         programs = self._copier.compile(batches)
-        for n, p in enumerate(plans):
+        for n, p in enumerate(ahead):
             p.pack, p.commit = programs[2 * n], programs[2 * n + 1]
-        if pack and plans:
+        if pack and ahead:
             first = plans[0]
             if device.type == "cuda":
                 stream = torch.cuda.current_stream(device)
