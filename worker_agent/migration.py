@@ -792,10 +792,7 @@ class ExpertWeights:
         or ``None`` if it did not cover them with the same plan. Every rank made the same
         ``prepare`` and migration calls, so every rank takes the same branch here."""
         prep = self._preparation
-        if prep is None:
-            return None
-        known = {layer: transfers for layer, transfers, _ in prep._items}
-        if any(known.get(layer) is not transfers for layer, transfers, _ in items):
+        if prep is None or not prep.covers(items):
             return None
         found = prep.errors()
         broken = [e for e in found.values() if e.phase == "status"]
@@ -1252,7 +1249,14 @@ class Preparation:
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The layers it checks."""
         return tuple(layer for layer, _, _ in self._items)
+
+    def covers(self, items: list[tuple[int, Any, FaultHook | None]]) -> bool:
+        """Whether it checked every ``(layer, transfers, _)`` of ``items``, with the same
+        transfers object."""
+        known = {layer: transfers for layer, transfers, _ in self._items}
+        return all(known.get(layer) is transfers for layer, transfers, _ in items)
 
     def errors(self) -> dict[int, MigrationError]:
         """Layer -> error for the layers that cannot migrate (the same on every rank; empty:
