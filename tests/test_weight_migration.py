@@ -504,6 +504,8 @@ def test_prepare_checks_its_calls() -> None:
             weights.prepare(plan, calls=calls)
     with pytest.raises(ValueError, match="ahead_groups"):
         weights.prepare(plan, ahead_groups=0)
+    prep = weights.prepare(plan, calls=[])  # the pre-flight only
+    assert prep.layers == (0, 1, 2) and prep.errors() == {}
     assert mismatches(weights, 0, old) == []  # nothing moved
 
 
