@@ -227,9 +227,13 @@ class _Flip:
     def one_layer_prepared(self) -> None:
         self.one_layer(preflight=False)
 
-    def all_layers(self, preflight: bool = True) -> None:
+    def _align(self) -> None:
+        """Layer 0 onto the other layers' map (untimed: only between measurements)."""
         if self.layer0 != self.rest:
-            self.one_layer()  # untimed alignment happens only between measurements
+            self.one_layer()
+
+    def all_layers(self, preflight: bool = True) -> None:
+        self._align()
         report = self.weights.migrate(self.plans[self.rest], self.group, preflight=preflight,
                                       group_bytes=self.group_bytes, timeout_s=self.timeout_s)
         assert not report.failed, report.failed
@@ -237,8 +241,7 @@ class _Flip:
         self.rest ^= 1
 
     def prepare_all_layers(self) -> None:
-        if self.layer0 != self.rest:
-            self.one_layer()
+        self._align()
         assert not self.weights.prepare(self.plans[self.rest], self.group,
                                         group_bytes=self.group_bytes,
                                         ahead_groups=self.ahead_groups).errors()
@@ -258,8 +261,7 @@ def _throughput(rank: int, world: int, args: argparse.Namespace,
         t_layer = _median(flip.one_layer, device, args.iters, args.warmup)
         t_layer_p = _median(flip.one_layer_prepared, device, args.iters, args.warmup,
                             flip.prepare_one_layer)
-        if flip.layer0 != flip.rest:
-            flip.one_layer()  # align layer 0 with the others before timing all layers
+        flip._align()  # layer 0 with the others before timing all layers
         t_all = _median(flip.all_layers, device, max(2, args.iters // 2), 1)
         t_all_p = _median(flip.all_layers_prepared, device, max(2, args.iters // 2), 1,
                           flip.prepare_all_layers)

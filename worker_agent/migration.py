@@ -522,7 +522,7 @@ class ExpertWeights:
             post_error = None
         except Exception as exc:
             status, post_error = None, str(exc)
-        # The verified layers' works, for the migrations that follow (not prepared again).
+        # The prepared layers' works, for the migrations that follow (not prepared again).
         self._verified = {layer: (transfers, work)
                           for (layer, transfers, _), work in zip(items, works, strict=True)
                           if work is not None}
@@ -611,9 +611,9 @@ class ExpertWeights:
         for layer, transfers, _ in items:
             self._calls += 1
             tag = self._calls % (1 << 20)
-            known, work = self._verified.pop(layer, (None, None))
-            if (work is not None and known is transfers and work.world == comm.world
-                    and work.base == comm.rank * self.slots_per_rank):
+            work = self._reusable(layer, transfers, comm)
+            self._verified.pop(layer, None)
+            if work is not None:
                 work.tag = tag
                 works.append(work)  # what the pre-flight prepared
                 reasons.append(None)
@@ -738,6 +738,7 @@ class ExpertWeights:
         done: dict[int, LayerMigrationStats] = {}
         stop_all = False
         for g, indices in enumerate(groups):
+            # staging buffers rotate over depth + 1: the groups in flight and the one committing
             plan = plans[g] or self._lay_out(indices, works, g % (depth + 1))
             # a copy issued while an earlier group's transfers run is capped (copy_programs)
             batch = self._post(plan, items, comm, beside=bool(pending))
@@ -779,11 +780,18 @@ class ExpertWeights:
         if prepared is None or prepared.group_bytes != group_bytes:
             return None
         for (layer, transfers, _), work in zip(items, prepared.works, strict=True):
-            known, verified = self._verified.get(layer, (None, None))
-            if (known is not transfers or verified is not work or work.world != comm.world
-                    or work.base != comm.rank * self.slots_per_rank):
+            if self._reusable(layer, transfers, comm) is not work:
                 return None  # re-registered or re-prepared since
         return prepared
+
+    def _reusable(self, layer: int, transfers: Any, comm: _Comm) -> _LayerWork | None:
+        """The work the last :meth:`prepare` made for ``layer``, if it still applies: the
+        same ``transfers`` object, the same group, the layer not registered again since."""
+        known, work = self._verified.get(layer, (None, None))
+        if (work is not None and known is transfers and work.world == comm.world
+                and work.base == comm.rank * self.slots_per_rank):
+            return work
+        return None
 
     def _prepared_verdict(
         self, items: list[tuple[int, Any, FaultHook | None]], stop_on_error: bool
@@ -863,29 +871,17 @@ class ExpertWeights:
         ahead = plans if compiled is None else plans[:compiled]
         batches: list[list[CopyRange]] = []
         for p in ahead:
-            for w in p.works:
-                w.staging = p.buf
-            ranges: list[CopyRange] = []
-            for w in p.works:
-                w.stage(ranges)
-                w.pack(ranges)
-            p.commits = []
-            for w in p.works:
-                p.commits.append([])
-                w.commit(p.commits[-1])
+            ranges = p.pack_ranges()
+            p.build_commits()
+            assert p.commits is not None
             batches += [ranges, [r for c in p.commits for r in c]]
         programs = self._copier.compile(batches)
         for n, p in enumerate(ahead):
             p.pack, p.commit = programs[2 * n], programs[2 * n + 1]
         if pack and ahead:
+            # On the current stream, which prepare() already ordered after these layers' last
+            # commits (_prepare_all) and _staging_buffer() after the buffer's last reader.
             first = plans[0]
-            if device.type == "cuda":
-                stream = torch.cuda.current_stream(device)
-                for w in first.works:  # the layer's last commit wrote what is packed
-                    if (event := self._committed.get(w.layer)) is not None:
-                        stream.wait_event(event)
-                if (released := self._released[first.buffer]) is not None:
-                    stream.wait_event(released)
             assert isinstance(first.pack, CopyProgram)
             self._copier.launch(first.pack)
             first.packed = True
@@ -894,11 +890,9 @@ class ExpertWeights:
     def _post(self, plan: _GroupPlan, items: list[Any], comm: _Comm,
               beside: bool = False) -> _Group:
         """Stage local copies and pack the sends into the group's staging buffer (unless
-        :meth:`prepare` did), post one receive and one send per peer (see :class:`_Layout`).
-        Staging buffers rotate over ``depth + 1`` (the groups in flight and the one
-        committing)."""
+        :meth:`prepare` did), post one receive and one send per peer (see :class:`_Layout`)."""
         start = time.perf_counter()
-        batch = _Group(plan.indices, plan.works, plan.buffer, start, plan)
+        batch = _Group(plan, start)
         device = plan.works[0].device
         try:
             if plan.total:
@@ -906,7 +900,6 @@ class ExpertWeights:
                     plan.buf = self._staging_buffer(plan.buffer, plan.total, device)
                 else:
                     self._wait_released(plan.buffer, device)
-                batch.buf = plan.buf
                 if not plan.packed:
                     self._pack(plan, beside)
             self._trace("packed")
@@ -969,11 +962,7 @@ class ExpertWeights:
         if batch.error is None and batch.plan.commits is None:
             # The commit's copy ranges, built while the GPU works: after the status is read,
             # only the copies' launch is left on the host's path.
-            batch.plan.commits = []
-            for work in batch.works:
-                ranges: list[CopyRange] = []
-                work.commit(ranges)
-                batch.plan.commits.append(ranges)
+            batch.plan.build_commits()
 
     def _finish(self, batch: _Group, items: list[Any], errors: dict[int, MigrationError],
                 done: dict[int, LayerMigrationStats], stop_on_error: bool,
@@ -1015,15 +1004,13 @@ class ExpertWeights:
         device = batch.works[0].device
         # every layer of the group: its commit compiled ahead, if prepare() did
         whole = batch.plan.commit if len(committed) == len(batch.works) else None
+        copies = ranges if whole is None else whole
         if committed:
             if device.type == "cuda":
                 stream = self._commit_stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))  # the receives landed
                 with torch.cuda.stream(stream):
-                    if whole is not None:
-                        self._copier.launch(whole, self._copy_cap(device, beside))
-                    else:
-                        self._copier.run(ranges, self._copy_cap(device, beside))
+                    self._copy(copies, self._copy_cap(device, beside))
                 event = torch.cuda.Event()
                 event.record(stream)
                 for work in committed:
@@ -1032,10 +1019,8 @@ class ExpertWeights:
                     # The commit reads the buffer: keep it (even if dropped) until it is done.
                     batch.buf.record_stream(stream)
                     self._released[batch.buffer] = event
-            elif whole is not None:
-                self._copier.launch(whole)
             else:
-                self._copier.run(ranges)
+                self._copy(copies)
         self._trace("commit issued")
         seconds = (time.perf_counter() - batch.start) / len(batch.indices)
         transfer = (batch.transfer_end - batch.start) / len(batch.indices)
@@ -1093,13 +1078,7 @@ class ExpertWeights:
         assert plan.buf is not None
         buf = plan.buf
         if plan.pack is None:  # not compiled ahead: the ranges now
-            for work in plan.works:
-                work.staging = buf
-            ranges: list[CopyRange] = []
-            for work in plan.works:
-                work.stage(ranges)
-                work.pack(ranges)
-            plan.pack = ranges
+            plan.pack = plan.pack_ranges()
         device = buf.device
         if device.type != "cuda" or not self._overlap:
             self._copy(plan.pack)
@@ -1462,11 +1441,8 @@ def _align(nbytes: int) -> int:
 class _Group:
     """Layers moved by one ``batch_isend_irecv`` and agreed by one status all-reduce."""
 
-    indices: list[int]
-    works: list[_LayerWork]
-    buffer: int
+    plan: _GroupPlan  # its layers, staging buffer and copies
     start: float
-    plan: _GroupPlan
     handles: list[Any] = field(default_factory=list)
     error: str | None = None
     reasons: list[str | None] = field(default_factory=list)
@@ -1474,7 +1450,22 @@ class _Group:
     status: _Status | None = None
     status_error: str | None = None
     committed: list[int] = field(default_factory=list)
-    buf: torch.Tensor | None = None
+
+    @property
+    def indices(self) -> list[int]:
+        return self.plan.indices
+
+    @property
+    def works(self) -> list[_LayerWork]:
+        return self.plan.works
+
+    @property
+    def buffer(self) -> int:
+        return self.plan.buffer
+
+    @property
+    def buf(self) -> torch.Tensor | None:
+        return self.plan.buf
 
 
 @dataclass(eq=False)
@@ -1495,6 +1486,24 @@ class _GroupPlan:
     commits: list[list[CopyRange]] | None = None  # per work
     commit: CopyProgram | None = None  # every work's commit, compiled ahead
     packed: bool = False  # the pack was queued ahead
+
+    def pack_ranges(self) -> list[CopyRange]:
+        """The group's staging and packing copies into ``buf`` (which must be set)."""
+        for work in self.works:
+            work.staging = self.buf
+        ranges: list[CopyRange] = []
+        for work in self.works:
+            work.stage(ranges)
+            work.pack(ranges)
+        return ranges
+
+    def build_commits(self) -> None:
+        """``commits``: each work's commit copies out of ``buf`` (set by
+        :meth:`pack_ranges` first)."""
+        self.commits = []
+        for work in self.works:
+            self.commits.append([])
+            work.commit(self.commits[-1])
 
 
 @dataclass(eq=False)
